@@ -1,0 +1,1 @@
+"""nmcompile: N:M structured-sparse training as a torch.compile backend."""
