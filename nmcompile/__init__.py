@@ -1,1 +1,20 @@
-"""nmcompile: N:M structured-sparse training as a torch.compile backend."""
+"""nmcompile: N:M structured-sparse training as a torch.compile backend.
+
+``torch.compile(model, backend="nm")`` rewrites the forward, grad-input and grad-weight GEMMs
+of every linear layer of the training graph; see :mod:`nmcompile.backend`.
+"""
+
+from . import ops  # noqa: F401  (registers the nm:: custom ops)
+from .config import NMConfig
+from .dump import format_table, read_summary
+from .masking import MaskSpec, masks
+
+__all__ = ["MaskSpec", "NMConfig", "format_table", "masks", "read_summary", "nm_backend"]
+
+
+def __getattr__(name: str):
+    if name == "nm_backend":
+        from .backend import nm_backend
+
+        return nm_backend
+    raise AttributeError(f"module 'nmcompile' has no attribute {name!r}")

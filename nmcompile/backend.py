@@ -1,0 +1,139 @@
+"""The ``nm`` torch.compile backend: ``torch.compile(model, backend="nm", options={...})``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so no import is needed. The
+backend validates the options, finds which graph inputs are parameters, and compiles the graph
+with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.rewrite_matmuls`)
+installed as Inductor's ``joint_custom_pre_pass`` so it sees forward and backward together.
+
+AOTAutograd's cache is bypassed for these compiles: a cache hit would skip the joint pass,
+and with it the dump and the record of which parameters are masked (``nmcompile.masks``).
+Inductor's FX graph cache stays on; the pass's ``uuid`` keys it on nmcompile's sources and
+the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from .config import NMConfig
+from .dump import GraphDump
+from .masking import remember
+from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
+
+__all__ = ["nm_backend", "graph_parameters"]
+
+_KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
+
+
+def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
+               options: Mapping[str, Any] | None = None) -> Callable:
+    """Compile a Dynamo graph with every parameter matmul rewritten to N:M sparse ops."""
+    config = NMConfig.from_options(options)
+    params = graph_parameters(gm, example_inputs)
+    refs = {p.position: weakref.ref(example_inputs[p.position]) for p in params}
+    dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
+
+    def on_rewrite(before: str, after: str, rewrite: RewriteMatmuls) -> None:
+        for position, spec in rewrite.specs.items():
+            param = refs[position]()
+            if param is not None:
+                remember(param, spec)
+        if dump is not None:
+            dump.write("joint_before.py", before)
+            dump.write("joint_after.py", after)
+            dump.write_records(rewrite.records, config.to_dict())
+
+    rewrite = RewriteMatmuls(config, {p.position: p for p in params},
+                             dump.graph_id if dump else 0, on_rewrite)
+    compile_graph = _compile_inductor if config.inductor else _compile_fx_only
+    return compile_graph(gm, list(example_inputs), rewrite, dump)
+
+
+def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[GraphInput]:
+    """The graph inputs that are ``nn.Parameter``s, named as ``named_parameters()`` names them."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for position, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        source = _source_name(node)
+        if isinstance(value, torch.nn.Parameter) or "._parameters[" in source:
+            found.append(GraphInput(position, _param_name(source) or node.name,
+                                    tuple(value.shape)))
+    return found
+
+
+def _source_name(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "name", "") if source is not None else ""
+    return name() if callable(name) else str(name)
+
+
+def _param_name(source: str) -> str:
+    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``."""
+    keys = [a or b for a, b in _KEY.findall(source)]
+    if "._modules[" in source or "._parameters[" in source:
+        keys = keys[1:]  # the root object's local name
+    return ".".join(keys)
+
+
+def _apply(rewrite: RewriteMatmuls, gm: fx.GraphModule) -> fx.GraphModule:
+    rewrite(gm.graph)
+    gm.recompile()
+    return gm
+
+
+def _dump_then_compile(gm: fx.GraphModule, example_inputs: Any, *, dump: GraphDump,
+                       **kwargs: Any) -> Any:
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    name = "backward.py" if kwargs.get("is_backward") else "forward.py"
+    dump.write(name, gm.print_readable(print_output=False))
+    return compile_fx_inner(gm, example_inputs, **kwargs)
+
+
+def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
+                      dump: GraphDump | None) -> Callable:
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    inner = functools.partial(_dump_then_compile, dump=dump) if dump else compile_fx_inner
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner,
+                          config_patches={"joint_custom_pre_pass": rewrite})
+
+
+def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
+                     dump: GraphDump | None) -> Callable:
+    """AOTAutograd without Inductor: the rewritten graphs run op by op (fast to compile)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import default_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    partitioned: list[bool] = []
+
+    def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
+        partitioned.append(True)
+        return default_partition(_apply(rewrite, joint), joint_inputs, **kwargs)
+
+    def compiler(name: str) -> Callable:
+        def compile_graph(graph: fx.GraphModule, _inputs: Any) -> Callable:
+            if not partitioned:  # an inference graph: there was no joint graph to rewrite
+                _apply(rewrite, graph)
+            if dump is not None:
+                dump.write(name, graph.print_readable(print_output=False))
+            return make_boxed_func(graph.forward)
+
+        return compile_graph
+
+    return aot_module_simplified(
+        gm, example_inputs, fw_compiler=compiler("forward.py"),
+        bw_compiler=compiler("backward.py"), partition_fn=partition,
+        decompositions=select_decomp_table(),
+    )

@@ -1,0 +1,147 @@
+"""``NMConfig``: every setting of the ``nm`` backend, validated once, before any tracing.
+
+Each GEMM of a linear layer has its own policy, as in torchao's float8 training config:
+
+* ``forward`` - how the forward mask of each weight is chosen (N:M along in-features);
+* ``grad_input`` - what the grad-input GEMM ``dX = dY @ (W*mask)`` runs on;
+* ``grad_weight`` - what the grad-weight GEMM ``dW = dY.T @ X`` runs on.
+
+This module is the only place that reads environment variables (``NMCOMPILE_DUMP_DIR``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .solvers.patterns import MAX_PATTERN_M
+
+__all__ = ["NMConfig", "FORWARD_POLICIES", "GRAD_INPUT_POLICIES", "GRAD_WEIGHT_POLICIES"]
+
+#: ``forward``: ``transposable`` = exact max-magnitude mask with at most n per row and column of
+#: every m x m tile (serves forward and grad-input); ``rowwise`` = top-n of every m along
+#: in-features (forward only); ``auto`` = transposable where an exact in-graph solver exists
+#: (m <= 4), else rowwise.
+FORWARD_POLICIES = ("auto", "transposable", "rowwise")
+#: ``grad_input``: ``transposable`` = reuse the transposable forward mask, sparse GEMM;
+#: ``dense`` = the exact gradient dY @ (W*mask) on a dense GEMM; ``auto`` = transposable when
+#: the forward mask is, else dense.
+GRAD_INPUT_POLICIES = ("auto", "transposable", "dense")
+#: ``grad_weight``: ``dense`` = dY.T @ X on a dense GEMM, straight through to the dense weight.
+GRAD_WEIGHT_POLICIES = ("dense",)
+
+_ENV_DUMP_DIR = "NMCOMPILE_DUMP_DIR"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class NMConfig:
+    """Settings of ``torch.compile(model, backend="nm", options=...)``.
+
+    Attributes:
+        n, m: at most ``n`` non-zeros in every ``m`` consecutive elements (default 2:4).
+        forward: forward-mask policy, one of :data:`FORWARD_POLICIES`.
+        grad_input: grad-input policy, one of :data:`GRAD_INPUT_POLICIES`.
+        grad_weight: grad-weight policy, one of :data:`GRAD_WEIGHT_POLICIES`.
+        min_numel: weights with fewer elements stay dense (semi-structured kernels need at
+            least a 16 x 16 sparse operand).
+        dump_dir: folder for graph dumps and the per-matmul table; ``None`` reads
+            ``NMCOMPILE_DUMP_DIR`` (unset: no dump).
+        inductor: ``True`` hands the rewritten graphs to Inductor; ``False`` runs them as
+            plain FX graphs (AOTAutograd only: much faster to compile, same numbers).
+    """
+
+    n: int = 2
+    m: int = 4
+    forward: str = "auto"
+    grad_input: str = "auto"
+    grad_weight: str = "dense"
+    min_numel: int = 256
+    dump_dir: str | None = None
+    inductor: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("n", "m", "min_numel"):
+            if not _is_int(getattr(self, key)):
+                raise ValueError(f"NMConfig.{key} must be an int, got {getattr(self, key)!r}")
+        if not 0 < self.n < self.m:
+            raise ValueError(f"NMConfig.n and .m need 0 < n < m, got n={self.n}, m={self.m}")
+        if self.min_numel < 0:
+            raise ValueError(f"NMConfig.min_numel must be >= 0, got {self.min_numel}")
+        for key, choices in (
+            ("forward", FORWARD_POLICIES),
+            ("grad_input", GRAD_INPUT_POLICIES),
+            ("grad_weight", GRAD_WEIGHT_POLICIES),
+        ):
+            if getattr(self, key) not in choices:
+                raise ValueError(
+                    f"NMConfig.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}"
+                )
+        if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
+            raise ValueError(f"NMConfig.dump_dir must be a path or None, got {self.dump_dir!r}")
+        if not isinstance(self.inductor, bool):
+            raise ValueError(f"NMConfig.inductor must be a bool, got {self.inductor!r}")
+        if self.forward == "transposable" and self.m > MAX_PATTERN_M:
+            raise ValueError(
+                f"NMConfig.forward='transposable' is computed in the graph for m <= "
+                f"{MAX_PATTERN_M}, got {self.n}:{self.m}; use forward='rowwise' (or 'auto')"
+            )
+        if self.grad_input == "transposable" and self.forward_policy != "transposable":
+            raise ValueError(
+                "NMConfig.grad_input='transposable' reuses the forward mask, which needs "
+                f"forward='transposable' (got forward={self.forward!r}); use grad_input='dense'"
+            )
+
+    @property
+    def forward_policy(self) -> str:
+        """``forward`` with ``auto`` resolved."""
+        if self.forward != "auto":
+            return self.forward
+        return "transposable" if self.m <= MAX_PATTERN_M else "rowwise"
+
+    @property
+    def grad_input_policy(self) -> str:
+        """``grad_input`` with ``auto`` resolved."""
+        if self.grad_input != "auto":
+            return self.grad_input
+        return "transposable" if self.forward_policy == "transposable" else "dense"
+
+    def resolved(self) -> NMConfig:
+        """A copy with ``auto`` policies and the dump folder resolved (what actually runs)."""
+        dump_dir = self.dump_dir if self.dump_dir is not None else os.environ.get(_ENV_DUMP_DIR)
+        return dataclasses.replace(
+            self,
+            forward=self.forward_policy,
+            grad_input=self.grad_input_policy,
+            dump_dir=os.fspath(dump_dir) if dump_dir else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (JSON-friendly)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> NMConfig:
+        """Build the resolved config from ``torch.compile(..., options=...)``.
+
+        ``options`` holds NMConfig field names, or ``{"config": NMConfig(...)}`` optionally with
+        field overrides. Unknown keys raise ``ValueError`` listing the valid ones.
+        """
+        options = dict(options or {})
+        base = options.pop("config", None) or cls()
+        if not isinstance(base, cls):
+            raise ValueError(f"options['config'] must be an nmcompile.NMConfig, got {base!r}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown nm backend option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: config, {', '.join(valid)}"
+            )
+        return dataclasses.replace(base, **options).resolved()

@@ -1,0 +1,100 @@
+"""Dumps of what the backend did: graphs before/after the rewrite and a per-matmul table.
+
+Layout of a dump folder (``options={"dump_dir": DIR}`` or ``NMCOMPILE_DUMP_DIR``)::
+
+    DIR/summary.json, DIR/summary.txt     every matmul of every graph this process compiled
+    DIR/graph_<k>/joint_before.py         joint forward+backward graph as AOTAutograd traced it
+    DIR/graph_<k>/joint_after.py          ... after the N:M rewrite
+    DIR/graph_<k>/forward.py, backward.py the partitioned graphs handed to the compiler
+    DIR/graph_<k>/matmuls.json            this graph's rows of the table, with the config
+
+The same texts are emitted as ``TORCH_TRACE`` structured artifacts (names ``nm_*``).
+Graph folders from earlier processes are left alone and kept out of the summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+from torch._logging import trace_structured
+
+__all__ = ["GraphDump", "format_table", "read_summary"]
+
+_COLUMNS = ("graph", "node", "role", "param", "shapes", "became", "sparse", "reason")
+
+
+def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The per-matmul table (one row per matmul record, as in ``summary.json``)."""
+    body = [
+        (
+            r["graph_id"], r["node"], r["role"] or "-", r["param"] or "-",
+            " @ ".join("x".join(map(str, s)) for s in r["shapes"]), r["became"],
+            "yes" if r["sparse"] else "no", r["reason"] or "",
+        )
+        for r in rows
+    ]
+    return tabulate(body, headers=_COLUMNS, tablefmt="github")
+
+
+def read_summary(dump_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load ``summary.json`` of a dump folder."""
+    return json.loads((Path(dump_dir) / "summary.json").read_text())
+
+
+class GraphDump:
+    """Writer for one compiled graph's folder inside a dump folder."""
+
+    def __init__(self, root: Path, graph_id: int) -> None:
+        self.root, self.graph_id = root, graph_id
+        self.dir = root / f"graph_{graph_id:03d}"
+
+    @classmethod
+    def create(cls, root: str | os.PathLike) -> GraphDump:
+        """Claim the next free ``graph_<k>`` folder under ``root`` (created if missing)."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        k = len(list(root.glob("graph_*")))
+        while True:
+            try:
+                (root / f"graph_{k:03d}").mkdir()
+                return cls(root, k)
+            except FileExistsError:
+                k += 1
+
+    def write(self, name: str, text: str) -> None:
+        """Write ``graph_<k>/name`` and emit it as a TORCH_TRACE artifact."""
+        (self.dir / name).write_text(text)
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": f"nm_graph{self.graph_id}_{name}", "encoding": "string"},
+            payload_fn=lambda: text,
+        )
+
+    def write_records(self, records: Sequence[Any], config: Mapping[str, Any]) -> None:
+        """Write this graph's matmul rows and refresh the folder's summary."""
+        rows = [dataclasses.asdict(r) for r in records]
+        payload = {"pid": os.getpid(), "config": dict(config), "matmuls": rows}
+        (self.dir / "matmuls.json").write_text(json.dumps(payload, indent=1))
+        self._refresh_summary(config)
+
+    def _refresh_summary(self, config: Mapping[str, Any]) -> None:
+        rows: list[dict[str, Any]] = []
+        for path in sorted(self.root.glob("graph_*/matmuls.json")):
+            part = json.loads(path.read_text())
+            if part.get("pid") == os.getpid():
+                rows.extend(part["matmuls"])
+        summary = {"config": dict(config), "matmuls": rows}
+        text = json.dumps(summary, indent=1)
+        (self.root / "summary.json").write_text(text)
+        (self.root / "summary.txt").write_text(format_table(rows) + "\n")
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": "nm_summary", "encoding": "json"},
+            payload_fn=lambda: text,
+        )

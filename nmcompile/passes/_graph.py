@@ -1,0 +1,92 @@
+"""FX helpers shared by the passes: create nodes with valid fake values, inline traced code.
+
+Every node a pass adds gets ``meta["val"]`` computed under the graph's own fake mode, so
+Inductor, the partitioner and later passes see correct shapes, dtypes and strides.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import tree_map
+
+__all__ = ["GraphEditor"]
+
+_COPIED_META = ("seq_nr", "partitioner_tag", "stack_trace", "nn_module_stack", "original_aten")
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta["val"] if isinstance(arg, fx.Node) else arg
+
+
+class GraphEditor:
+    """Adds nodes to one FX graph, keeping fake values and provenance metadata valid."""
+
+    def __init__(self, graph: fx.Graph) -> None:
+        self.graph = graph
+        vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
+        mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        self.fake_mode: FakeTensorMode = mode or FakeTensorMode()
+        self._names = itertools.count()
+        self._constants: dict[tuple, fx.Node] = {}
+
+    def call(self, target: Callable, args: Sequence[Any], like: fx.Node | None = None) -> fx.Node:
+        """Insert ``target(*args)`` at the current insertion point, with its fake value.
+
+        ``like``: a node whose provenance (seq_nr, forward/backward tag, stack) the new node
+        inherits, so the partitioner places it where the node it replaces would have gone.
+        """
+        node = self.graph.call_function(target, tuple(args))
+        if like is not None:
+            node.meta.update({k: like.meta[k] for k in _COPIED_META if k in like.meta})
+        with self.fake_mode:
+            node.meta["val"] = target(*tree_map(_val, tuple(args)))
+        return node
+
+    def inline(self, fn: Callable[..., torch.Tensor], inputs: Sequence[fx.Node], tag: str) -> fx.Node:
+        """Trace ``fn`` to aten ops (Inductor's decompositions) and copy it into the graph.
+
+        Tensor constants the trace creates (e.g. a pattern table) become attributes of the
+        graph's module under fresh names. Returns the node holding ``fn``'s result.
+        """
+        from torch._inductor.decomposition import select_decomp_table
+
+        with self.fake_mode:
+            traced = make_fx(fn, select_decomp_table(), tracing_mode="real")(
+                *[n.meta["val"] for n in inputs]
+            )
+        placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+        env: dict[fx.Node, fx.Node] = dict(zip(placeholders, inputs))
+        result = None
+        for node in traced.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                result = env[node.args[0]]
+                break
+            if node.op == "get_attr":
+                new = self._constant(getattr(traced, node.target), node, tag)
+            else:
+                new = self.graph.node_copy(node, lambda n: env[n])
+            new.meta.setdefault("partitioner_tag", "is_forward")
+            env[node] = new
+        assert result is not None, "traced function has no output"
+        return result
+
+    def _constant(self, value: torch.Tensor, traced_node: fx.Node, tag: str) -> fx.Node:
+        """One ``get_attr`` node per distinct constant (e.g. the pattern table) per graph."""
+        key = (value.dtype, tuple(value.shape), value.cpu().numpy().tobytes())
+        if key not in self._constants:
+            name = f"_nm_const_{tag}_{next(self._names)}"
+            self.graph.owning_module.register_buffer(name, value, persistent=False)
+            node = self.graph.get_attr(name)
+            node.meta.update(traced_node.meta)
+            self._constants[key] = node
+        return self._constants[key]

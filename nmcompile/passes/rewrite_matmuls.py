@@ -1,0 +1,297 @@
+"""Rewrite every parameter matmul of a joint forward+backward graph into N:M sparse ops.
+
+Runs as Inductor's ``joint_custom_pre_pass`` (or before the partitioner in the FX-only mode),
+after AOTAutograd traced forward and backward together and before the partitioner splits them.
+For each matmul with a 2-D parameter operand ``W`` (``nn.Linear``, ``F.linear``, ``x @ W.T``,
+``torch.matmul``; transposes and dtype casts are looked through):
+
+* forward ``Y = X W^T`` becomes ``nm.linear_forward(X, W, mask)``; the mask is computed from
+  the current dense ``W`` by aten ops traced into the graph (Inductor generates the kernel);
+* grad-input ``dX = dY W`` becomes ``nm.linear_grad_input(dY, W, mask)`` (the transposable
+  mask is N:M along out-features too), or a dense GEMM on the masked weight;
+* grad-weight ``dW = dY^T X`` stays dense: a straight-through estimator to the dense weight.
+
+Forward and backward GEMMs of one layer are paired by ``meta["seq_nr"]`` (the autograd node
+both come from). Invariant after the pass: every forward matmul that reads a masked weight has
+its grad-input GEMM read the same mask, so the gradients are exactly those of the masked
+forward (up to the straight-through grad-weight); nothing else in the graph changes, and every
+new node carries a fake ``meta["val"]``. Each decision, sparse or not, is kept as a
+:class:`MatmulRecord` with its reason and counted in ``torch._dynamo.utils.counters``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from .. import ops  # noqa: F401  (registers torch.ops.nm)
+from ..config import NMConfig
+from ..masking import MaskSpec, compute_mask
+from ._graph import GraphEditor
+from .eligibility import Matmul, ParamOperand, as_matmul, check_weight, find_param
+
+__all__ = ["MatmulRecord", "RewriteMatmuls"]
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+_LINEAR_FORWARD = torch.ops.nm.linear_forward.default
+_LINEAR_GRAD_INPUT = torch.ops.nm.linear_grad_input.default
+_SOURCES = tuple(sorted(str(p) for p in Path(__file__).resolve().parents[1].rglob("*.py")))
+
+
+@dataclass(frozen=True)
+class MatmulRecord:
+    """One matmul of a compiled graph and what the pass made of it (a row of the dump)."""
+
+    graph_id: int
+    node: str
+    role: str | None  # "forward" | "grad_input" | "grad_weight" | None (not a layer GEMM)
+    param: str | None
+    shapes: tuple[tuple[int, ...], ...]
+    became: str
+    sparse: bool
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """A parameter among the graph inputs: its position, name and shape."""
+
+    position: int
+    name: str
+    shape: tuple[int, ...]
+
+
+class RewriteMatmuls(CustomGraphPass):
+    """The pass object handed to Inductor; ``uuid`` keys the compile caches on code + config.
+
+    After it runs, ``records`` lists every matmul decision and ``specs`` maps the position of
+    every parameter it masked to its :class:`MaskSpec`. ``on_rewrite(graph_before, pass)`` is
+    called with the readable graph before the rewrite (for dumps).
+    """
+
+    def __init__(self, config: NMConfig, params: Mapping[int, GraphInput], graph_id: int,
+                 on_rewrite: Callable[[str, str, RewriteMatmuls], None] | None = None) -> None:
+        self.config = config
+        self.params = dict(params)
+        self.graph_id = graph_id
+        self.on_rewrite = on_rewrite
+        self.records: list[MatmulRecord] = []
+        self.specs: dict[int, MaskSpec] = {}
+
+    def uuid(self) -> str:
+        key = repr((self.config, sorted((p.position, p.name) for p in self.params.values())))
+        return get_hash_for_files(_SOURCES, key).hex()
+
+    def __call__(self, graph: fx.Graph) -> None:
+        before = graph.python_code("self").src if self.on_rewrite else ""
+        nodes = self._param_nodes(graph)
+        names = {node: self.params[pos].name for pos, node in nodes.items()}
+        rewriter = _Rewriter(graph, self.config, self.graph_id, names)
+        rewriter.run()
+        graph.lint()
+        self.records = rewriter.records
+        self.specs = {pos: rewriter.masks[node][0] for pos, node in nodes.items()
+                      if node in rewriter.masks}
+        for rec in self.records:
+            kind = "sparse" if rec.sparse else "dense"
+            counters["nmcompile"][f"{rec.role or 'other'}_{kind}"] += 1
+        log.debug("nm graph %s: %d matmuls, %d masked parameters",
+                  self.graph_id, len(self.records), len(self.specs))
+        if self.on_rewrite:
+            self.on_rewrite(before, graph.python_code("self").src, self)
+
+    def _param_nodes(self, graph: fx.Graph) -> dict[int, fx.Node]:
+        primals = [n for n in graph.nodes if n.op == "placeholder"
+                   and not n.name.startswith("tangents")]
+        found = {}
+        for pos, info in self.params.items():
+            val = primals[pos].meta.get("val") if pos < len(primals) else None
+            if not isinstance(val, torch.Tensor) or tuple(val.shape) != info.shape:
+                log.warning("nm: graph input %d is not parameter %s; leaving the graph dense",
+                            pos, info.name)
+                return {}
+            found[pos] = primals[pos]
+        return found
+
+
+class _Rewriter:
+    """One run of the pass over one graph."""
+
+    def __init__(self, graph: fx.Graph, config: NMConfig, graph_id: int,
+                 names: dict[fx.Node, str]) -> None:
+        self.graph, self.config, self.graph_id = graph, config, graph_id
+        self.names = names
+        self.edit = GraphEditor(graph)
+        self.records: list[MatmulRecord] = []
+        self.masks: dict[fx.Node, tuple[MaskSpec, fx.Node]] = {}
+        self.forward: dict[int, tuple[ParamOperand, fx.Node | None]] = {}
+
+    def run(self) -> None:
+        backward = _backward_nodes(self.graph)
+        for node in list(self.graph.nodes):
+            mm = as_matmul(node)
+            if mm is not None:
+                visit = self._visit_backward if node in backward else self._visit_forward
+                self.records.append(visit(mm))
+
+    # -- decisions ---------------------------------------------------------------------------
+    def _visit_forward(self, mm: Matmul) -> MatmulRecord:
+        found = self._params_of(mm)
+        if not found:
+            return self._record(mm, None, None, "both operands are activations")
+        if len(found) == 2:
+            return self._record(mm, "forward", found[0], "both operands are parameters")
+        p = found[0]
+        reason = self._forward_reason(mm, p)
+        seq = mm.node.meta.get("seq_nr")
+        if reason is not None:
+            self.forward[seq] = (p, None)
+            return self._record(mm, "forward", p, reason)
+        mask = self._mask(mm, p)
+        self.forward[seq] = (p, mask)
+        return self._record(mm, "forward", p, None, self._replace_forward(mm, p, mask))
+
+    def _visit_backward(self, mm: Matmul) -> MatmulRecord:
+        found = self._params_of(mm)
+        pair = self.forward.get(mm.node.meta.get("seq_nr"))
+        if pair is None:
+            reason = "both operands are activations" if not found else (
+                "no forward matmul of this parameter pairs with it (seq_nr)")
+            return self._record(mm, "grad_input" if found else None, found[0] if found else None,
+                                reason)
+        fwd, mask = pair
+        if not found:
+            reason = ("forward GEMM of this parameter stays dense" if mask is None else
+                      "grad_weight='dense': straight-through dense GEMM")
+            return self._record(mm, "grad_weight", fwd, reason)
+        p = found[0]
+        if mask is None:
+            return self._record(mm, "grad_input", p, "forward GEMM of this parameter stays dense")
+        if p.param is not fwd.param or p.reduction_dim == fwd.reduction_dim:
+            return self._record(mm, "grad_input", p, "not the grad-input GEMM of its forward")
+        if self.config.grad_input == "transposable":
+            return self._record(mm, "grad_input", p, None, self._replace_grad_input(mm, p, mask))
+        became = self._mask_operand(mm, p, mask)
+        return self._record(mm, "grad_input", p,
+                            "grad_input='dense': exact masked gradient on a dense GEMM", became)
+
+    def _forward_reason(self, mm: Matmul, p: ParamOperand) -> str | None:
+        if mm.batched:
+            return "batched matmul (bmm) with a parameter operand is not supported"
+        if mm.scaled:
+            return "addmm with alpha or beta != 1"
+        cfg = self.config
+        reason = check_weight(p.param.meta["val"], cfg.n, cfg.m, cfg.forward, p.reduction_dim,
+                              cfg.min_numel)
+        if reason is None and p.param in self.masks:
+            spec = self.masks[p.param][0]
+            if spec.policy == "rowwise" and spec.reduction_dim != p.reduction_dim:
+                reason = (f"row-wise mask of this parameter is N:M along dim "
+                          f"{spec.reduction_dim}, this matmul reduces dim {p.reduction_dim}")
+        return reason
+
+    def _params_of(self, mm: Matmul) -> list[ParamOperand]:
+        found = (find_param(mm.a, 0, self.names), find_param(mm.b, 1, self.names))
+        return [p for p in found if p is not None]
+
+    # -- edits -------------------------------------------------------------------------------
+    def _mask(self, mm: Matmul, p: ParamOperand) -> fx.Node:
+        if p.param not in self.masks:
+            spec = MaskSpec(self.config.n, self.config.m, self.config.forward, p.reduction_dim)
+            with self.graph.inserting_before(mm.node):
+                node = self.edit.inline(lambda w: compute_mask(w, spec), [p.param], "mask")
+            self.masks[p.param] = (spec, node)
+        return self.masks[p.param][1]
+
+    def _t(self, node: fx.Node, like: fx.Node) -> fx.Node:
+        return self.edit.call(aten.permute.default, [node, [1, 0]], like=like)
+
+    def _replace_forward(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
+        like = mm.node
+        with self.graph.inserting_before(like):
+            if p.side == 1:  # x @ b, b = W^T or W: weight = b^T
+                weight, x = self._t(mm.b, like), mm.a
+                wmask = mask if p.transposed else self._t(mask, like)
+            else:  # a @ x = (x^T @ a^T)^T: weight = a
+                weight, x = mm.a, self._t(mm.b, like)
+                wmask = self._t(mask, like) if p.transposed else mask
+            bias = mm.bias if p.side == 1 and _fusable_bias(mm) else None
+            out = self.edit.call(_LINEAR_FORWARD, [x, weight, wmask, bias], like=like)
+            if p.side == 0:
+                out = self._t(out, like)
+            if mm.bias is not None and bias is None:
+                out = self.edit.call(aten.add.Tensor, [out, mm.bias], like=like)
+        self._swap(mm.node, out)
+        return "nm.linear_forward" + (" (+bias)" if bias is not None else "")
+
+    def _replace_grad_input(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
+        like = mm.node
+        with self.graph.inserting_before(like):
+            if p.side == 1:  # g @ b, b = W or W^T laid out [K, N]
+                weight, g = mm.b, mm.a
+                wmask = self._t(mask, like) if p.transposed else mask
+            else:  # a @ g = (g^T @ a^T)^T
+                weight, g = self._t(mm.a, like), self._t(mm.b, like)
+                wmask = mask if p.transposed else self._t(mask, like)
+            out = self.edit.call(_LINEAR_GRAD_INPUT, [g, weight, wmask], like=like)
+            if p.side == 0:
+                out = self._t(out, like)
+        self._swap(mm.node, out)
+        return "nm.linear_grad_input"
+
+    def _mask_operand(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
+        operand = mm.a if p.side == 0 else mm.b
+        with self.graph.inserting_before(mm.node):
+            omask = self._t(mask, mm.node) if p.transposed else mask
+            masked = self.edit.call(aten.where.ScalarOther, [omask, operand, 0.0], like=mm.node)
+        mm.node.replace_input_with(operand, masked)
+        return f"{_op_name(mm.node)} (masked weight)"
+
+    def _swap(self, old: fx.Node, new: fx.Node) -> None:
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+
+    def _record(self, mm: Matmul, role: str | None, p: ParamOperand | None, reason: str | None,
+                became: str | None = None) -> MatmulRecord:
+        shapes = tuple(tuple(int(s) for s in x.meta["val"].shape) for x in (mm.a, mm.b))
+        return MatmulRecord(
+            graph_id=self.graph_id,
+            node=mm.node.name,
+            role=role,
+            param=self.names.get(p.param) if p is not None else None,
+            shapes=shapes,
+            became=became or _op_name(mm.node),
+            sparse=reason is None,
+            reason=reason,
+        )
+
+
+def _op_name(node: fx.Node) -> str:
+    return f"aten.{node.target._opname}" if hasattr(node.target, "_opname") else str(node.target)
+
+
+def _fusable_bias(mm: Matmul) -> bool:
+    if mm.bias is None:
+        return False
+    val, out = mm.bias.meta["val"], mm.node.meta["val"]
+    return val.dim() == 1 and val.shape[0] == out.shape[-1] and val.dtype == out.dtype
+
+
+def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a tangent input: the backward part of a joint graph."""
+    backward: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if node.name.startswith("tangents"):
+                backward.add(node)
+        elif any(arg in backward for arg in node.all_input_nodes):
+            backward.add(node)
+    return backward

@@ -1,0 +1,119 @@
+"""Exact transposable N:M masks for any ``m`` by min-cost flow (OR-Tools).
+
+Finding the max-magnitude transposable mask of one ``m x m`` tile is a bipartite b-matching:
+every row may keep ``n`` entries, every column may keep ``n``, entry ``(i, j)`` is worth
+``|w_ij|``. As a flow: source -> row (capacity ``n``) -> column (capacity 1, cost ``-|w_ij|``)
+-> sink (capacity ``n``). Every tile of the tensor goes into ONE flow problem, built from numpy
+arrays (no Python loop over tiles), so OR-Tools solves a whole layer in one call.
+
+*At most n* (the default) must let the total flow float: an optimum keeping fewer than
+``n * m`` entries can beat every exactly-``n`` pattern. Each tile gets a zero-cost slack node
+(row -> slack -> column) that carries the units a row or column does not keep.
+``exact_n=True`` leaves the slack out, which forces exactly ``n`` per row and column.
+
+Costs are integers: magnitudes are scaled by :func:`magnitude_costs` (documented there); the
+result is unchanged when ``w`` is multiplied by any positive constant.
+
+This solver runs outside the compiled graph (it calls into OR-Tools on the CPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ortools.graph.python import min_cost_flow
+
+from ._shapes import as_matrix, check_ratio, check_tiles
+
+__all__ = ["COST_LEVELS", "magnitude_costs", "transposable_mask_mcf"]
+
+#: Integer cost given to the largest finite magnitude (and to +-Inf); 2**30 keeps a relative
+#: resolution of ~1e-9 while every path cost, times OR-Tools' cost-scaling factor
+#: (number of nodes + 1), stays far below 2**63.
+COST_LEVELS = 1 << 30
+
+
+def magnitude_costs(magnitude: np.ndarray, levels: int = COST_LEVELS) -> np.ndarray:
+    """Integer costs ``round(|x| / max|x| * levels)`` as int64, invariant to scaling ``x``.
+
+    The scale is relative to the largest *finite* magnitude, so multiplying the weight by a
+    positive constant (1e-6, 1e6) leaves the costs unchanged up to floating-point rounding
+    of the ratio. NaN counts as zero; +-Inf gets ``levels`` (tied with the largest finite
+    value) so that it is kept preferentially without overflowing the integer costs. An
+    all-zero (or all-NaN) input gives all-zero costs.
+    """
+    mag = np.abs(np.asarray(magnitude, dtype=np.float64))
+    mag = np.where(np.isnan(mag), 0.0, mag)
+    finite = np.isfinite(mag)
+    top = mag[finite].max() if finite.any() else 0.0
+    if top > 0.0:
+        scaled = np.where(finite, mag / top, 1.0) * levels
+    else:
+        scaled = np.where(finite, 0.0, float(levels))
+    return np.rint(scaled).astype(np.int64)
+
+
+def _tile_costs(w2d: torch.Tensor, m: int) -> np.ndarray:
+    """Costs as ``[tiles, m, m]`` (tile-major, tile rows, tile cols)."""
+    rows, cols = w2d.shape
+    mag = w2d.detach().to(device="cpu", dtype=torch.float64).abs().numpy()
+    tiles = mag.reshape(rows // m, m, cols // m, m).transpose(0, 2, 1, 3)
+    return magnitude_costs(tiles.reshape(-1, m, m))
+
+
+def _build_flow(costs: np.ndarray, n: int, exact_n: bool):
+    """One flow problem for every tile. Returns the solver and the row->col arc ids.
+
+    Rows supply ``n`` units and columns demand ``n`` (no global source or sink: hub nodes with
+    millions of arcs slow the solver down). For at-most-n each tile gets a zero-cost slack
+    node: row -> slack -> column carries the units a row or column does not keep.
+    """
+    n_tiles, m, _ = costs.shape
+    per_tile = 2 * m + (0 if exact_n else 1)
+    base = per_tile * np.arange(n_tiles, dtype=np.int64)[:, None]
+    row_nodes = base + np.arange(m)  # [T, m]
+    col_nodes = base + m + np.arange(m)  # [T, m]
+    tails = [np.repeat(row_nodes.reshape(-1), m)]
+    heads = [np.broadcast_to(col_nodes[:, None, :], (n_tiles, m, m)).reshape(-1)]
+    caps = [np.ones(n_tiles * m * m, dtype=np.int64)]
+    unit_costs = [-costs.reshape(-1)]
+    if not exact_n:
+        slack = np.broadcast_to(base + 2 * m, (n_tiles, m)).reshape(-1)
+        tails += [row_nodes.reshape(-1), slack]
+        heads += [slack, col_nodes.reshape(-1)]
+        caps += [np.full(2 * n_tiles * m, n, dtype=np.int64)]
+        unit_costs += [np.zeros(2 * n_tiles * m, dtype=np.int64)]
+    solver = min_cost_flow.SimpleMinCostFlow()
+    arcs = solver.add_arcs_with_capacity_and_unit_cost(
+        np.concatenate(tails).astype(np.int32), np.concatenate(heads).astype(np.int32),
+        np.concatenate(caps), np.concatenate(unit_costs).astype(np.int64),
+    )
+    nodes = np.concatenate([row_nodes.reshape(-1), col_nodes.reshape(-1)]).astype(np.int32)
+    supplies = np.repeat(np.array([n, -n], dtype=np.int64), n_tiles * m)
+    solver.set_nodes_supplies(nodes, supplies)
+    return solver, np.asarray(arcs)[: n_tiles * m * m]
+
+
+def transposable_mask_mcf(
+    w: torch.Tensor, n: int, m: int, exact_n: bool = False
+) -> torch.Tensor:
+    """Max-magnitude transposable N:M mask of ``w`` for any ``n:m``, by min-cost flow.
+
+    Tile ``(i, j)`` is ``w[i*m:(i+1)*m, j*m:(j+1)*m]``; the mask keeps at most (``exact_n``:
+    exactly) ``n`` entries per row and per column of every tile, maximising the kept
+    (integer-scaled) magnitude. Weights with more than two dims are flattened as in
+    :func:`nmcompile.solvers._shapes.as_matrix`; the mask has ``w``'s shape and device.
+    Raises ``RuntimeError`` naming the status if OR-Tools does not report OPTIMAL.
+    """
+    check_ratio(n, m)
+    w2d = as_matrix(w)
+    check_tiles(w2d, m)
+    rows, cols = w2d.shape
+    solver, match_arcs = _build_flow(_tile_costs(w2d, m), n, exact_n)
+    status = solver.solve()
+    if status != solver.OPTIMAL:
+        name = getattr(status, "name", str(status))
+        raise RuntimeError(f"min-cost flow for a {n}:{m} transposable mask failed: {name}")
+    kept = np.asarray(solver.flows(match_arcs)) > 0
+    mask = kept.reshape(rows // m, cols // m, m, m).transpose(0, 2, 1, 3).reshape(rows, cols)
+    return torch.from_numpy(np.ascontiguousarray(mask)).to(w.device).reshape(w.shape)
