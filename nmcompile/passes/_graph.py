@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
@@ -82,7 +82,8 @@ class GraphEditor:
 
     def _constant(self, value: torch.Tensor, traced_node: fx.Node, tag: str) -> fx.Node:
         """One ``get_attr`` node per distinct constant (e.g. the pattern table) per graph."""
-        key = (value.dtype, tuple(value.shape), value.cpu().numpy().tobytes())
+        with unset_fake_temporarily():
+            key = (value.dtype, tuple(value.shape), value.cpu().numpy().tobytes())
         if key not in self._constants:
             name = f"_nm_const_{tag}_{next(self._names)}"
             self.graph.owning_module.register_buffer(name, value, persistent=False)
