@@ -4,8 +4,24 @@ No torch.fx in here: the backend traces the in-graph solvers (:func:`nm_mask`,
 :func:`transposable_mask_patterns`) into the training graph, and calls the others outside it.
 """
 
+from .bimask import BiMask, bimask
+from .diversity import mask_diversity
+from .greedy import transposable_mask_greedy
+from .mcf import transposable_mask_mcf
 from .mvue import mvue
 from .nm import nm_mask
 from .patterns import tile_patterns, transposable_mask_patterns
+from .transposable import transposable_mask
 
-__all__ = ["mvue", "nm_mask", "tile_patterns", "transposable_mask_patterns"]
+__all__ = [
+    "BiMask",
+    "bimask",
+    "mask_diversity",
+    "mvue",
+    "nm_mask",
+    "tile_patterns",
+    "transposable_mask",
+    "transposable_mask_greedy",
+    "transposable_mask_mcf",
+    "transposable_mask_patterns",
+]

@@ -33,17 +33,21 @@ def transposable_mask_greedy(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     rows, cols = w2d.shape
     mag = torch.nan_to_num(w2d.detach().abs().float(), nan=0.0)
     tiles = mag.reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
-    order = tiles.sort(dim=1, descending=True, stable=True).indices  # [T, m*m]
-    order_row, order_col = order // m, order % m
-    n_tiles = tiles.shape[0]
-    row_used = torch.zeros(n_tiles, m, dtype=torch.int32, device=w.device)
-    col_used = torch.zeros(n_tiles, m, dtype=torch.int32, device=w.device)
-    keep = torch.zeros(n_tiles, m * m, dtype=torch.bool, device=w.device)
-    for step in range(m * m):
-        r, c = order_row[:, step : step + 1], order_col[:, step : step + 1]
-        room = (row_used.gather(1, r) < n) & (col_used.gather(1, c) < n)  # [T, 1]
-        keep.scatter_(1, order[:, step : step + 1], room)
-        row_used.scatter_add_(1, r, room.int())
-        col_used.scatter_add_(1, c, room.int())
+    n_tiles, cells = tiles.shape
+    order = tiles.sort(dim=1, descending=True, stable=True).indices.t().contiguous()  # [mm, T]
+    tile_ids = torch.arange(n_tiles, device=w.device)
+    line_base, cell_base = tile_ids * m, tile_ids * cells
+    # Flat [T*m] row/column counters and [T*m*m] keep flags; per step only [T]-sized work.
+    row_used = torch.zeros(n_tiles * m, dtype=torch.int32, device=w.device)
+    col_used = torch.zeros(n_tiles * m, dtype=torch.int32, device=w.device)
+    keep = torch.zeros(n_tiles * cells, dtype=torch.bool, device=w.device)
+    for step in range(cells):
+        cell = order[step]
+        r, c = cell // m + line_base, cell % m + line_base
+        room = (row_used.take(r) < n) & (col_used.take(c) < n)
+        keep.scatter_(0, cell + cell_base, room)
+        room_count = room.int()
+        row_used.scatter_add_(0, r, room_count)
+        col_used.scatter_add_(0, c, room_count)
     mask = keep.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3)
     return mask.reshape(w.shape)
