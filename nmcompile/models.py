@@ -75,7 +75,7 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Byte-level decoder-only language model; ``forward(idx)`` returns logits ``[B, T, V]``."""
+    """Byte-level decoder-only language model: ``model(idx)`` logits, ``model(idx, targets)`` loss."""
 
     def __init__(self, cfg: GPTConfig | None = None) -> None:
         super().__init__()
@@ -94,14 +94,17 @@ class TinyGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[B, T, V]``, or with ``targets`` the mean next-byte cross-entropy.
+
+        The loss lives in ``forward`` (not a separate method) so that ``torch.compile(model)``
+        compiles it: calling another method of a compiled module runs the eager original.
+        """
         t = idx.shape[1]
         x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-byte cross-entropy of ``forward(idx)`` against ``targets``."""
-        logits = self(idx)
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -21,6 +21,7 @@ __all__ = [
     "as_matmul",
     "check_weight",
     "find_param",
+    "reaches_param",
 ]
 
 MATMULS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default)
@@ -101,6 +102,28 @@ def find_param(operand: fx.Node, side: int, params: dict[fx.Node, str]) -> Param
             return None
         node = node.args[0]
     return ParamOperand(node, side, transposed)
+
+
+_VIEWS = (
+    aten.permute.default, aten.t.default, aten.transpose.int, aten.expand.default,
+    aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+    aten.clone.default, aten.slice.Tensor, aten.select.int, prims.convert_element_type.default,
+    aten._to_copy.default,
+)
+
+
+def reaches_param(operand: fx.Node, params: dict[fx.Node, str]) -> fx.Node | None:
+    """The parameter ``operand`` is a view or copy of, through any view-like ops, if any.
+
+    Used only to explain rejections: a parameter reached this way (expanded for a batched
+    matmul, sliced, reshaped) is not one :func:`find_param` accepts.
+    """
+    node = operand
+    while node not in params:
+        if node.op != "call_function" or node.target not in _VIEWS:
+            return None
+        node = node.args[0]
+    return node
 
 
 def check_weight(val: torch.Tensor, n: int, m: int, policy: str, reduction_dim: int,

@@ -35,7 +35,14 @@ from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
 from ..masking import MaskSpec, compute_mask
 from ._graph import GraphEditor
-from .eligibility import Matmul, ParamOperand, as_matmul, check_weight, find_param
+from .eligibility import (
+    Matmul,
+    ParamOperand,
+    as_matmul,
+    check_weight,
+    find_param,
+    reaches_param,
+)
 
 __all__ = ["MatmulRecord", "RewriteMatmuls"]
 
@@ -146,7 +153,7 @@ class _Rewriter:
     def _visit_forward(self, mm: Matmul) -> MatmulRecord:
         found = self._params_of(mm)
         if not found:
-            return self._record(mm, None, None, "both operands are activations")
+            return self._record(mm, None, None, self._no_param_reason(mm))
         if len(found) == 2:
             return self._record(mm, "forward", found[0], "both operands are parameters")
         p = found[0]
@@ -163,7 +170,7 @@ class _Rewriter:
         found = self._params_of(mm)
         pair = self.forward.get(mm.node.meta.get("seq_nr"))
         if pair is None:
-            reason = "both operands are activations" if not found else (
+            reason = self._no_param_reason(mm) if not found else (
                 "no forward matmul of this parameter pairs with it (seq_nr)")
             return self._record(mm, "grad_input" if found else None, found[0] if found else None,
                                 reason)
@@ -183,9 +190,16 @@ class _Rewriter:
         return self._record(mm, "grad_input", p,
                             "grad_input='dense': exact masked gradient on a dense GEMM", became)
 
+    def _no_param_reason(self, mm: Matmul) -> str:
+        reached = [reaches_param(x, self.names) for x in (mm.a, mm.b)]
+        names = [self.names[r] for r in reached if r is not None]
+        if not names:
+            return "both operands are activations"
+        kind = "batched matmul (bmm)" if mm.batched else "matmul"
+        return (f"{kind} reads parameter {names[0]} through a reshape/expand/slice; only a "
+                "2-D weight, transposed or cast, is rewritten")
+
     def _forward_reason(self, mm: Matmul, p: ParamOperand) -> str | None:
-        if mm.batched:
-            return "batched matmul (bmm) with a parameter operand is not supported"
         if mm.scaled:
             return "addmm with alpha or beta != 1"
         cfg = self.config

@@ -1,0 +1,255 @@
+"""The joint-graph rewrite: which matmuls become sparse, and the numbers they produce.
+
+Graphs run through AOTAutograd without Inductor (``inductor=False``) to keep these fast; the
+Inductor path is covered in tests/test_backend.py. Each test compares outputs and every
+gradient with an fp64 eager model holding the same masked weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+import nmcompile
+from nmcompile import read_summary
+from tests.reference import assert_grads_match, masked_reference
+
+
+def _step(model, x, tmp_path, **options):
+    """One compiled forward+backward; returns the output, the masks used and the summary."""
+    options = {"inductor": False, "dump_dir": str(tmp_path), "min_numel": 0, **options}
+    compiled = torch.compile(model, backend="nm", options=options, fullgraph=True)
+    x = x.clone().requires_grad_(x.is_floating_point())
+    y = compiled(x)
+    cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    (y * cotangent).sum().backward()
+    return x, y, cotangent, nmcompile.masks(model), read_summary(tmp_path)
+
+
+def _check_numerics(model, x, y, cotangent, masks):
+    ref = masked_reference(model, masks)
+    xr = x.detach().double().requires_grad_()
+    yr = ref(xr)
+    (yr * cotangent.double()).sum().backward()
+    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
+    assert_grads_match(model, ref)
+
+
+def _rows(summary, role):
+    return [r for r in summary["matmuls"] if r["role"] == role]
+
+
+def _assert_all_sparse(summary, params, roles=("forward", "grad_input")):
+    for role in roles:
+        rows = _rows(summary, role)
+        assert sorted(r["param"] for r in rows) == sorted(params), role
+        assert all(r["sparse"] for r in rows), [r for r in rows if not r["sparse"]]
+
+
+def _assert_graph_ops(tmp_path, n_forward, n_grad_input):
+    fw = (tmp_path / "graph_000" / "forward.py").read_text()
+    bw = (tmp_path / "graph_000" / "backward.py").read_text()
+    assert fw.count("torch.ops.nm.linear_forward.default(") == n_forward
+    assert "torch.ops.nm.linear_grad_input" not in fw
+    assert bw.count("torch.ops.nm.linear_grad_input.default(") == n_grad_input
+    assert "torch.ops.nm.linear_forward" not in bw
+
+
+class Mlp(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32, bias=bias)
+        self.fc2 = nn.Linear(32, 8, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 16), (2, 3, 16)])
+def test_linear_stack_all_gemms_rewritten(tmp_path, bias, shape):
+    torch.manual_seed(0)
+    model = Mlp(bias)
+    x, y, cot, masks, summary = _step(model, torch.randn(shape), tmp_path)
+    assert set(masks) == {"fc1.weight", "fc2.weight"}
+    _assert_all_sparse(summary, ["fc1.weight", "fc2.weight"])
+    grad_weight = _rows(summary, "grad_weight")
+    assert len(grad_weight) == 2 and not any(r["sparse"] for r in grad_weight)
+    assert dict(counters["nmcompile"]) == {
+        "forward_sparse": 2, "grad_input_sparse": 2, "grad_weight_dense": 2,
+    }
+    _assert_graph_ops(tmp_path, n_forward=2, n_grad_input=2)
+    _check_numerics(model, x, y, cot, masks)
+
+
+def test_masks_are_transposable_2_4(tmp_path):
+    torch.manual_seed(0)
+    model = Mlp(True)
+    *_, masks, _ = _step(model, torch.randn(4, 16), tmp_path)
+    for mask in masks.values():
+        tiles = mask.reshape(mask.shape[0] // 4, 4, mask.shape[1] // 4, 4)
+        assert tiles.sum(dim=3).max() <= 2 and tiles.sum(dim=1).max() <= 2
+
+
+class FunctionalForms(nn.Module):
+    """The spellings of a parameter matmul a user writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_linear = nn.Parameter(torch.randn(16, 16) / 4)
+        self.w_matmul = nn.Parameter(torch.randn(16, 16) / 4)
+        self.w_at = nn.Parameter(torch.randn(16, 16) / 4)
+        self.w_in_out = nn.Parameter(torch.randn(16, 16) / 4)  # Conv1D layout: x @ W
+        self.bias = nn.Parameter(torch.randn(16) / 4)
+
+    def forward(self, x):
+        x = torch.tanh(F.linear(x, self.w_linear, self.bias))
+        x = torch.tanh(torch.matmul(x, self.w_matmul.t()))
+        x = torch.tanh(x @ self.w_at.T)
+        return x @ self.w_in_out
+
+
+@pytest.mark.parametrize("forward", ["transposable", "rowwise"])
+def test_functional_forms(tmp_path, forward):
+    torch.manual_seed(0)
+    model = FunctionalForms()
+    grad_input = "transposable" if forward == "transposable" else "dense"
+    x, y, cot, masks, summary = _step(model, torch.randn(2, 3, 16), tmp_path, forward=forward,
+                                      grad_input=grad_input)
+    names = ["w_linear", "w_matmul", "w_at", "w_in_out"]
+    assert sorted(masks) == sorted(names)
+    _assert_all_sparse(summary, names, roles=("forward",))
+    if forward == "rowwise":
+        # N:M along each weight's forward reduction dim: in-features, or dim 0 for x @ W.
+        assert masks["w_linear"].reshape(16, 4, 4).sum(-1).eq(2).all()
+        assert masks["w_in_out"].t().reshape(16, 4, 4).sum(-1).eq(2).all()
+        rows = _rows(summary, "grad_input")
+        assert all(not r["sparse"] and "grad_input='dense'" in r["reason"] for r in rows)
+    else:
+        _assert_all_sparse(summary, names, roles=("grad_input",))
+    _check_numerics(model, x, y, cot, masks)
+
+
+class WeightOnLeft(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 16) / 4)
+
+    def forward(self, x):  # x: [tokens, 16]
+        return (self.w @ x.t()).t()
+
+
+def test_weight_as_left_operand(tmp_path):
+    torch.manual_seed(0)
+    model = WeightOnLeft()
+    x, y, cot, masks, summary = _step(model, torch.randn(12, 16), tmp_path)
+    _assert_all_sparse(summary, ["w"])
+    _check_numerics(model, x, y, cot, masks)
+
+
+@pytest.mark.parametrize("n, m", [(1, 4), (4, 8), (1, 2)])
+def test_other_ratios(tmp_path, n, m):
+    torch.manual_seed(0)
+    model = Mlp(True)
+    x, y, cot, masks, summary = _step(model, torch.randn(5, 16), tmp_path, n=n, m=m)
+    for name, mask in masks.items():
+        groups = mask.reshape(mask.shape[0], -1, m).sum(-1)
+        assert groups.max() <= n, name
+    assert all(r["sparse"] for r in _rows(summary, "forward"))
+    if m > 4:
+        assert summary["config"]["forward"] == "rowwise"
+        assert not any(r["sparse"] for r in _rows(summary, "grad_input"))
+    _check_numerics(model, x, y, cot, masks)
+
+
+def test_mask_recomputed_every_step(tmp_path):
+    torch.manual_seed(0)
+    model = Mlp(False)
+    compiled = torch.compile(model, backend="nm", options={"inductor": False, "min_numel": 0})
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = torch.randn(8, 16)
+    assert nmcompile.masks(model) == {}  # nothing compiled yet
+    history = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = compiled(x).square().sum()  # compiles on the first call
+        masks = nmcompile.masks(model)  # the weights the step used are unchanged until step()
+        history.append(masks)
+        ref = masked_reference(model, masks)
+        loss.backward()
+        ref(x.double()).square().sum().backward()
+        assert_grads_match(model, ref)
+        opt.step()
+    changed = [not torch.equal(history[0][k], history[-1][k]) for k in history[0]]
+    assert any(changed), "large SGD steps should move some weight across its tile's threshold"
+
+
+# -- negatives, each beside a positive control in the same graph ---------------------------
+class Mixed(nn.Module):
+    """One eligible layer (the positive control) beside ineligible matmuls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.good = nn.Linear(16, 16)
+        self.odd = nn.Linear(16, 10)  # 10 out-features: not divisible by 4
+        self.tiny = nn.Linear(10, 4)  # below min_numel, and 10 in-features
+        self.batched = nn.Parameter(torch.randn(10, 12) / 4)
+
+    def forward(self, x):  # x: [2, 3, 16]
+        h = self.good(x)
+        scores = h @ h.transpose(1, 2)  # activation x activation
+        h = self.odd(scores.softmax(-1) @ h)
+        w = self.batched.unsqueeze(0).expand(h.shape[0], -1, -1)
+        return self.tiny(h).sum() + torch.bmm(h, w).sum()
+
+
+def test_ineligible_matmuls_stay_dense_with_reasons(tmp_path):
+    torch.manual_seed(0)
+    model = Mixed()
+    x, y, cot, masks, summary = _step(model, torch.randn(2, 3, 16), tmp_path, min_numel=64)
+    assert set(masks) == {"good.weight"}
+    fwd = {r["param"]: r for r in _rows(summary, "forward")}
+    assert fwd["good.weight"]["sparse"]
+    assert "not divisible" not in str(fwd["good.weight"]["reason"])
+    assert "multiples of m=4" in fwd["odd.weight"]["reason"]
+    assert "< min_numel=64" in fwd["tiny.weight"]["reason"]
+    others = [r for r in summary["matmuls"] if r["role"] is None]
+    reasons = {r["reason"] for r in others}
+    assert "both operands are activations" in reasons
+    assert any("batched matmul (bmm) reads parameter batched" in r for r in reasons)
+    assert all(not r["sparse"] for r in summary["matmuls"] if r["param"] != "good.weight")
+    gi = {r["param"]: r for r in _rows(summary, "grad_input")}
+    assert gi["good.weight"]["sparse"]
+    assert gi["odd.weight"]["reason"] == "forward GEMM of this parameter stays dense"
+    _check_numerics(model, x, y, cot, masks)
+
+
+class IntLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.good = nn.Linear(16, 16)
+        self.w_int = nn.Parameter(torch.randint(-3, 4, (16, 16)), requires_grad=False)
+
+    def forward(self, x):
+        idx = (x > 0).long()
+        return self.good(x).sum() + (idx @ self.w_int.t()).sum()
+
+
+def test_integer_weight_stays_dense(tmp_path):
+    model = IntLinear()
+    compiled = torch.compile(model, backend="nm", fullgraph=True,
+                             options={"inductor": False, "dump_dir": str(tmp_path)})
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        out = compiled(x)
+    expected = F.linear(x, torch.where(nmcompile.masks(model)["good.weight"],
+                                       model.good.weight, 0), model.good.bias).sum()
+    expected = expected + ((x > 0).long() @ model.w_int.t()).sum()
+    torch.testing.assert_close(out, expected)
+    fwd = {r["param"]: r for r in _rows(read_summary(tmp_path), "forward")}
+    assert fwd["good.weight"]["sparse"]
+    assert fwd["w_int"]["reason"] == "weight dtype torch.int64 is not floating point"

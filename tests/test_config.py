@@ -1,0 +1,60 @@
+import pytest
+
+from nmcompile import NMConfig
+
+
+def test_defaults_resolve_to_transposable_2_4():
+    cfg = NMConfig.from_options(None)
+    assert (cfg.n, cfg.m) == (2, 4)
+    assert cfg.forward == "transposable" and cfg.grad_input == "transposable"
+    assert cfg.grad_weight == "dense" and cfg.inductor is True
+
+
+def test_auto_falls_back_to_rowwise_for_large_m():
+    cfg = NMConfig.from_options({"n": 4, "m": 8})
+    assert cfg.forward == "rowwise" and cfg.grad_input == "dense"
+
+
+def test_config_object_and_overrides():
+    base = NMConfig(n=1, m=4, min_numel=0)
+    cfg = NMConfig.from_options({"config": base, "grad_input": "dense"})
+    assert (cfg.n, cfg.m, cfg.min_numel, cfg.grad_input) == (1, 4, 0, "dense")
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"bogus": 1}, ["'bogus'", "valid options", "grad_weight"]),
+        ({"n": 4, "m": 4}, ["n=4", "m=4", "0 < n < m"]),
+        ({"n": 0}, ["n=0"]),
+        ({"m": 4.0}, ["NMConfig.m", "int"]),
+        ({"n": True}, ["NMConfig.n", "int"]),
+        ({"forward": "magic"}, ["forward='magic'", "transposable", "rowwise"]),
+        ({"grad_input": "x"}, ["grad_input='x'", "dense"]),
+        ({"grad_weight": "sparse"}, ["grad_weight='sparse'", "dense"]),
+        ({"min_numel": -1}, ["min_numel"]),
+        ({"inductor": "yes"}, ["inductor"]),
+        ({"n": 4, "m": 8, "forward": "transposable"}, ["m <= 4", "rowwise"]),
+        ({"forward": "rowwise", "grad_input": "transposable"}, ["grad_input='dense'"]),
+        ({"config": {"n": 2}}, ["options['config']"]),
+    ],
+)
+def test_bad_options_name_the_key(options, words):
+    with pytest.raises(ValueError) as info:
+        NMConfig.from_options(options)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_dump_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NMCOMPILE_DUMP_DIR", str(tmp_path))
+    assert NMConfig.from_options({}).dump_dir == str(tmp_path)
+    assert NMConfig.from_options({"dump_dir": "elsewhere"}).dump_dir == "elsewhere"
+    monkeypatch.delenv("NMCOMPILE_DUMP_DIR")
+    assert NMConfig.from_options({}).dump_dir is None
+
+
+def test_config_is_frozen():
+    cfg = NMConfig()
+    with pytest.raises(AttributeError):
+        cfg.n = 1
