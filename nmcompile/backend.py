@@ -21,21 +21,37 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._dynamo.exc import ShortenTraceback
 
 from .config import NMConfig
 from .dump import GraphDump
 from .masking import remember
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 
-__all__ = ["nm_backend", "graph_parameters"]
+__all__ = ["NMOptionError", "nm_backend", "graph_parameters"]
 
 _KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
 
 
+class NMOptionError(ValueError, ShortenTraceback):
+    """A bad ``options`` entry. A ``ValueError`` that Dynamo passes to the caller unwrapped."""
+
+    def __init__(self, message: str) -> None:
+        ValueError.__init__(self, message)
+        self.first_useful_frame = None  # read by Dynamo when it re-raises the error
+
+
 def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                options: Mapping[str, Any] | None = None) -> Callable:
-    """Compile a Dynamo graph with every parameter matmul rewritten to N:M sparse ops."""
-    config = NMConfig.from_options(options)
+    """Compile a Dynamo graph with every parameter matmul rewritten to N:M sparse ops.
+
+    Options are validated first, before AOTAutograd traces anything; a bad one raises
+    :class:`NMOptionError` (a ``ValueError``) naming the key and the valid choices.
+    """
+    try:
+        config = NMConfig.from_options(options)
+    except ValueError as error:
+        raise NMOptionError(str(error)) from None
     params = graph_parameters(gm, example_inputs)
     refs = {p.position: weakref.ref(example_inputs[p.position]) for p in params}
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
