@@ -76,7 +76,7 @@ def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[
     """The graph inputs that are ``nn.Parameter``s, named as ``named_parameters()`` names them."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = []
-    for position, (node, value) in enumerate(zip(placeholders, example_inputs)):
+    for position, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
         source = _source_name(node)
         if isinstance(value, torch.nn.Parameter) or "._parameters[" in source:
             found.append(GraphInput(position, _param_name(source) or node.name,

@@ -75,7 +75,7 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """Byte-level decoder-only language model: ``model(idx)`` logits, ``model(idx, targets)`` loss."""
+    """Byte-level decoder-only LM: ``model(idx)`` gives logits, ``model(idx, targets)`` the loss."""
 
     def __init__(self, cfg: GPTConfig | None = None) -> None:
         super().__init__()

@@ -47,7 +47,7 @@ def _check(name: str, a: Tensor, weight: Tensor, mask: Tensor, a_dim: int, w_dim
 
 @torch.library.custom_op("nm::linear_forward", mutates_args=())
 def linear_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Forward GEMM ``x @ (weight*mask).T + bias``; ``weight`` is ``[out, in]``, x is ``[..., in]``."""
+    """Forward GEMM ``x @ (weight*mask).T + bias``; weight ``[out, in]``, x ``[..., in]``."""
     _check("nm::linear_forward", x, weight, mask, a_dim=-1, w_dim=1)
     return torch.nn.functional.linear(x, masked_weight(weight, mask), bias).contiguous()
 

@@ -50,7 +50,8 @@ class GraphEditor:
             node.meta["val"] = target(*tree_map(_val, tuple(args)))
         return node
 
-    def inline(self, fn: Callable[..., torch.Tensor], inputs: Sequence[fx.Node], tag: str) -> fx.Node:
+    def inline(self, fn: Callable[..., torch.Tensor], inputs: Sequence[fx.Node],
+               tag: str) -> fx.Node:
         """Trace ``fn`` to aten ops (Inductor's decompositions) and copy it into the graph.
 
         Tensor constants the trace creates (e.g. a pattern table) become attributes of the
@@ -63,7 +64,7 @@ class GraphEditor:
                 *[n.meta["val"] for n in inputs]
             )
         placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-        env: dict[fx.Node, fx.Node] = dict(zip(placeholders, inputs))
+        env: dict[fx.Node, fx.Node] = dict(zip(placeholders, inputs, strict=True))
         result = None
         for node in traced.graph.nodes:
             if node.op == "placeholder":

@@ -136,5 +136,6 @@ def check_weight(val: torch.Tensor, n: int, m: int, policy: str, reduction_dim: 
     dims = (0, 1) if policy == "transposable" else (reduction_dim,)
     if any(val.shape[d] % m for d in dims):
         which = "both dims" if policy == "transposable" else f"dim {reduction_dim}"
-        return f"weight shape {tuple(val.shape)}: {which} must be multiples of m={m} ({policy} mask)"
+        shape = tuple(val.shape)
+        return f"weight shape {shape}: {which} must be multiples of m={m} ({policy} mask)"
     return None

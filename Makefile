@@ -1,0 +1,38 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Each creates .venv and installs
+# the pinned dependencies first (torch==2.13.0 before anything that depends on torch, so pip
+# never pulls a CUDA build of torch on a CPU machine).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench lint clean
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/nmcompile demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/compile.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) demo_out nm_dump .pytest_cache
