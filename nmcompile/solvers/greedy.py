@@ -34,20 +34,22 @@ def transposable_mask_greedy(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     mag = torch.nan_to_num(w2d.detach().abs().float(), nan=0.0)
     tiles = mag.reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
     n_tiles, cells = tiles.shape
-    order = tiles.sort(dim=1, descending=True, stable=True).indices.t().contiguous()  # [mm, T]
+    ranked = tiles.sort(dim=1, descending=True, stable=True).indices
+    # Step-major copy in the smallest dtype that holds a cell index (m*m <= 256 for m <= 16).
+    small = torch.uint8 if cells <= 256 else torch.int32
+    order = torch.empty(cells, n_tiles, dtype=small, device=w.device).copy_(ranked.t())
     tile_ids = torch.arange(n_tiles, device=w.device)
-    line_base, cell_base = tile_ids * m, tile_ids * cells
-    # Flat [T*m] row/column counters and [T*m*m] keep flags; per step only [T]-sized work.
-    row_used = torch.zeros(n_tiles * m, dtype=torch.int32, device=w.device)
-    col_used = torch.zeros(n_tiles * m, dtype=torch.int32, device=w.device)
+    # Flat counters: tile t's rows at [2m*t, 2m*t + m), its columns right after; per step
+    # one gather, one comparison and one scatter-add over [2, T] (row and column together).
+    line_base = torch.stack([tile_ids * (2 * m), tile_ids * (2 * m) + m])  # [2, T]
+    cell_base = tile_ids * cells
+    used = torch.zeros(n_tiles * 2 * m, dtype=torch.int32, device=w.device)
     keep = torch.zeros(n_tiles * cells, dtype=torch.bool, device=w.device)
     for step in range(cells):
-        cell = order[step]
-        r, c = cell // m + line_base, cell % m + line_base
-        room = (row_used.take(r) < n) & (col_used.take(c) < n)
+        cell = order[step].long()
+        lines = torch.stack([cell // m, cell % m]) + line_base  # [2, T]
+        room = (used.take(lines) < n).all(dim=0)
         keep.scatter_(0, cell + cell_base, room)
-        room_count = room.int()
-        row_used.scatter_add_(0, r, room_count)
-        col_used.scatter_add_(0, c, room_count)
+        used.scatter_add_(0, lines.reshape(-1), room.int().repeat(2))
     mask = keep.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3)
     return mask.reshape(w.shape)
