@@ -1,0 +1,165 @@
+"""The demo end to end: same data, init and steps for a dense and a 2:4 sparse recipe."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import NMConfig
+from ..dump import format_table, read_summary
+from ..models import GPTConfig, TinyGPT
+from .data import load_corpus, sample_offsets, spaced_offsets
+from .report import sparse_flop_share, write_outputs
+from .train import Phase, Schedule, train_recipe
+
+__all__ = [
+    "DENSE_BACKEND",
+    "SPARSE_OPTIONS",
+    "DemoConfig",
+    "DemoResult",
+    "run_demo",
+    "supported_options",
+]
+
+DENSE_BACKEND = "inductor"
+
+#: The sparse recipe (Hu et al. 2024): 2:4 transposable mask for forward and grad-input,
+#: MVUE 2:4 on the weight gradient, masked decay, then a dense tail (``DemoConfig``).
+SPARSE_OPTIONS: dict[str, Any] = {
+    "n": 2,
+    "m": 4,
+    "forward": "transposable",
+    "grad_input": "transposable",
+    "grad_weight": "mvue",
+    "decay": 1e-4,
+    "inductor": True,
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes and settings of one demo run (the CLI's flags)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    d_model: int = 64
+    layers: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    out: str = "demo_out"
+    lr: float = 3e-3
+    corpus_bytes: int = 4 << 20
+    val_batches: int = 8
+    evals: int = 10
+    flip_every: int = 10
+    tail_fraction: float = 0.15
+    sparse_backend: str = "nm"
+    sparse_options: dict[str, Any] = field(default_factory=lambda: dict(SPARSE_OPTIONS))
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """The report (also written as ``report.json``) and the per-matmul table text."""
+
+    report: dict[str, Any]
+    matmul_table: str
+
+
+def supported_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``options`` into those this ``NMConfig`` accepts and those it rejects.
+
+    Lets the demo run against a backend that does not implement every setting of the recipe
+    yet; the rejected ones are reported, never silently ignored.
+    """
+    kept, dropped = {}, {}
+    for key, value in options.items():
+        try:
+            NMConfig.from_options({key: value})
+        except ValueError:
+            dropped[key] = value
+        else:
+            kept[key] = value
+    NMConfig.from_options(kept)  # the kept set must also hold together
+    return kept, dropped
+
+
+def _phases(cfg: DemoConfig, options: dict[str, Any] | None) -> list[Phase]:
+    tail = round(cfg.steps * cfg.tail_fraction)
+    sparse = [Phase(0, cfg.sparse_backend, options)]
+    return sparse + [Phase(cfg.steps - tail, DENSE_BACKEND)] if 0 < tail < cfg.steps else sparse
+
+
+def run_demo(cfg: DemoConfig) -> DemoResult:
+    """Train both recipes, write the output folder, and return the report."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    dump = out / "dump"
+    shutil.rmtree(dump, ignore_errors=True)
+    corpus = load_corpus(cfg.corpus_bytes)
+    device = torch.device(cfg.device)
+    schedule = Schedule(
+        train=corpus.train,
+        val=corpus.val,
+        seq_len=cfg.seq_len,
+        lr=cfg.lr,
+        offsets=sample_offsets(len(corpus.train), cfg.steps, cfg.batch_size, cfg.seq_len, cfg.seed),
+        val_starts=spaced_offsets(
+            len(corpus.val), cfg.val_batches * cfg.batch_size, cfg.seq_len
+        ).view(cfg.val_batches, cfg.batch_size),
+        eval_every=max(1, cfg.steps // cfg.evals),
+        flip_every=cfg.flip_every,
+        device=device,
+    )
+    torch.manual_seed(cfg.seed)
+    gpt = GPTConfig(seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.layers)
+    dense_model = TinyGPT(gpt).to(device)
+    sparse_model = copy.deepcopy(dense_model)
+
+    notes, options = [], None
+    if cfg.sparse_backend == "nm":
+        options, dropped = supported_options({**cfg.sparse_options, "dump_dir": str(dump)})
+        if dropped:
+            notes.append(f"the nm backend rejected the options {dropped}: ran without them")
+    recipes = []
+    for name, model, phases in (
+        ("dense", dense_model, [Phase(0, DENSE_BACKEND)]),
+        ("sparse 2:4", sparse_model, _phases(cfg, options)),
+    ):
+        torch.manual_seed(cfg.seed)  # the same RNG stream (MVUE draws) for every run
+        recipes.append(train_recipe(name, model, phases, schedule, progress=cfg.progress))
+
+    summary = read_summary(dump) if (dump / "summary.json").exists() else {"matmuls": []}
+    recipes[0]["sparse_flop_share"] = 0.0
+    share = sparse_flop_share(summary)
+    tail_start = recipes[1]["tail_start"]
+    tail_frac = (cfg.steps - tail_start) / cfg.steps if tail_start is not None else 0.0
+    recipes[1]["sparse_flop_share"] = share
+    recipes[1]["sparse_flop_share_whole_run"] = share * (1 - tail_frac)
+    report = {
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "sparse_options"},
+        "model": dataclasses.asdict(gpt)
+        | {"parameters": sum(p.numel() for p in dense_model.parameters())},
+        "sparse_options": options if options is not None else {},
+        "corpus": {
+            "train_bytes": len(corpus.train),
+            "val_bytes": len(corpus.val),
+            "train_files": len(corpus.train_files),
+            "val_files": len(corpus.val_files),
+        },
+        "recipes": recipes,
+        "notes": notes,
+        "torch": torch.__version__,
+        "total_wall_s": round(time.perf_counter() - t0, 1),
+    }
+    table = format_table(summary["matmuls"]) if summary["matmuls"] else ""
+    write_outputs(out, report, table)
+    return DemoResult(report, table)

@@ -1,0 +1,271 @@
+"""The demo's pieces on tiny inputs, its command line, and one end-to-end ``--quick`` run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmcompile.cli import main
+from nmcompile.demo.data import (
+    load_corpus,
+    sample_offsets,
+    spaced_offsets,
+    stdlib_files,
+    windows,
+)
+from nmcompile.demo.report import (
+    flip_rate,
+    matmul_flops,
+    results_table,
+    sparse_flop_share,
+    write_outputs,
+)
+from nmcompile.demo.run import supported_options
+
+
+@pytest.fixture
+def fake_stdlib(tmp_path: Path) -> Path:
+    """A small tree shaped like a stdlib: packages, non-.py files, a site-packages to skip."""
+    root = tmp_path / "lib"
+    files = {f"mod{i:02d}.py": f"# module {i}\n" + "x = 1\n" * (i + 1) for i in range(40)}
+    files |= {
+        "pkg/__init__.py": "",
+        "pkg/sub.py": "def f():\n    return 2\n",
+        "site-packages/third.py": "THIRD = 1\n",
+        "notes.txt": "not python\n",
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def _in_val(rel: str) -> bool:
+    """Reference split rule: the first 8 bytes of sha256(path) below 10% of 2**64."""
+    return int(hashlib.sha256(rel.encode()).hexdigest()[:16], 16) < 0.1 * 2**64
+
+
+def test_stdlib_files_sorted_and_filtered(fake_stdlib: Path) -> None:
+    names = [rel for rel, _ in stdlib_files(fake_stdlib)]
+    expected = sorted([f"mod{i:02d}.py" for i in range(40)] + ["pkg/__init__.py", "pkg/sub.py"])
+    assert names == expected
+
+
+def test_corpus_split_is_by_file_hash_and_disjoint(fake_stdlib: Path) -> None:
+    corpus = load_corpus(10**6, root=fake_stdlib)
+    assert set(corpus.train_files).isdisjoint(corpus.val_files)
+    assert sorted(corpus.train_files + corpus.val_files) == [
+        r for r, _ in stdlib_files(fake_stdlib)
+    ]
+    assert all(_in_val(rel) for rel in corpus.val_files)
+    assert not any(_in_val(rel) for rel in corpus.train_files)
+    for data, files in ((corpus.train, corpus.train_files), (corpus.val, corpus.val_files)):
+        expected = b"".join((fake_stdlib / rel).read_bytes() for rel in files)
+        assert bytes(data.tolist()) == expected
+
+
+def test_corpus_cap_is_deterministic(fake_stdlib: Path) -> None:
+    cap = sum(path.stat().st_size for _, path in stdlib_files(fake_stdlib)) - 5  # cuts a file
+    a, b = load_corpus(cap, root=fake_stdlib), load_corpus(cap, root=fake_stdlib)
+    assert len(a.train) + len(a.val) == cap
+    assert torch.equal(a.train, b.train) and torch.equal(a.val, b.val)
+    assert a.train_files == b.train_files
+    # Files are taken in sorted order: the cap keeps a prefix of the sorted list.
+    taken = sorted(a.train_files + a.val_files)
+    assert taken == [r for r, _ in stdlib_files(fake_stdlib)][: len(taken)]
+
+
+def test_corpus_rejects_cap_leaving_a_split_empty(fake_stdlib: Path) -> None:
+    with pytest.raises(ValueError, match="split empty"):
+        load_corpus(5, root=fake_stdlib)
+
+
+def test_real_stdlib_corpus_loads_deterministically() -> None:
+    a, b = load_corpus(400_000), load_corpus(400_000)
+    assert len(a.train) + len(a.val) == 400_000
+    assert len(a.val) > 0 and torch.equal(a.val, b.val) and a.train_files == b.train_files
+
+
+def test_batches_are_seeded_and_in_bounds() -> None:
+    a = sample_offsets(1000, steps=5, batch=4, seq_len=16, seed=3)
+    assert torch.equal(a, sample_offsets(1000, 5, 4, 16, seed=3))
+    assert not torch.equal(a, sample_offsets(1000, 5, 4, 16, seed=4))
+    assert a.shape == (5, 4) and a.min() >= 0 and a.max() <= 1000 - 17
+    starts = spaced_offsets(1000, 4, 16)
+    assert starts.tolist() == [0, 327, 655, 983]
+
+
+def test_windows_give_next_byte_targets() -> None:
+    data = torch.arange(50, dtype=torch.uint8)
+    x, y = windows(data, torch.tensor([0, 10]), seq_len=4)
+    assert x.tolist() == [[0, 1, 2, 3], [10, 11, 12, 13]]
+    assert y.tolist() == [[1, 2, 3, 4], [11, 12, 13, 14]]
+    assert x.dtype == torch.int64
+
+
+def test_matmul_flops() -> None:
+    assert matmul_flops([[2048, 128], [128, 384]]) == 2 * 2048 * 128 * 384
+    assert matmul_flops([[64, 128, 32], [64, 32, 128]]) == 2 * 64 * 128 * 32 * 128
+    assert matmul_flops([[384], [2048, 128], [128, 384]]) == 2 * 2048 * 128 * 384  # bias first
+    with pytest.raises(ValueError, match="two operand shapes"):
+        matmul_flops([[4, 4]])
+
+
+def test_sparse_flop_share_on_hand_made_summary() -> None:
+    def rec(shapes, sparse):
+        return {
+            "graph_id": 0,
+            "node": "mm",
+            "role": None,
+            "param": None,
+            "shapes": shapes,
+            "became": "x",
+            "sparse": sparse,
+            "reason": None,
+        }
+
+    summary = {
+        "config": {},
+        "matmuls": [
+            rec([[100, 10], [10, 20]], True),  # 40,000 FLOPs
+            rec([[20, 100], [100, 10]], True),  # 40,000
+            rec([[10, 100], [100, 20]], False),  # 40,000
+            rec([[4, 5, 5], [4, 5, 5]], False),  # 1,000
+        ],
+    }
+    assert sparse_flop_share(summary) == pytest.approx(80_000 / 121_000, rel=1e-12)
+    assert sparse_flop_share({"matmuls": []}) == 0.0
+
+
+def test_flip_rate() -> None:
+    before = {
+        "a": torch.tensor([True, False, True, False]),
+        "b": torch.ones(2, 2, dtype=torch.bool),
+    }
+    after = {
+        "a": torch.tensor([False, False, True, True]),
+        "b": torch.ones(2, 2, dtype=torch.bool),
+        "c": torch.zeros(3, dtype=torch.bool),
+    }
+    assert flip_rate(before, after) == pytest.approx(2 / 8)
+    assert math.isnan(flip_rate({}, after))
+
+
+def _recipe(name: str, flips: float | None) -> dict:
+    return {
+        "name": name,
+        "final_train_loss": 2.5,
+        "final_val_loss": 2.75,
+        "tokens_per_s": 12345.6,
+        "mean_flip_rate": flips,
+        "sparse_flop_share": 0.625,
+        "train_curve": [(1, 5.0), (2, 4.0)],
+        "val_curve": [(2, 4.5)],
+        "flip_curve": [(2, 0.1)] if flips else [],
+        "tail_start": None,
+    }
+
+
+def test_results_table_formats_figures() -> None:
+    text = results_table([_recipe("dense", None), _recipe("sparse", 0.0125)])
+    lines = text.splitlines()
+    assert "2.5000" in lines[2] and "2.7500" in lines[2] and "12,346" in lines[2]
+    assert "—" in lines[2] and "62.5%" in lines[2]
+    assert "1.2500%" in lines[3]
+
+
+def test_write_outputs(tmp_path: Path) -> None:
+    report = {
+        "model": {"d_model": 8},
+        "steps": 2,
+        "batch_size": 1,
+        "seq_len": 4,
+        "device": "cpu",
+        "corpus": {"train_bytes": 10, "val_bytes": 2},
+        "sparse_options": {"n": 2},
+        "recipes": [_recipe("dense", None), _recipe("sparse", 0.1)],
+        "notes": ["a note"],
+    }
+    write_outputs(tmp_path, report, "| table |")
+    assert json.loads((tmp_path / "report.json").read_text())["recipes"][1]["mean_flip_rate"] == 0.1
+    md = (tmp_path / "report.md").read_text()
+    assert "| table |" in md and "a note" in md and "62.5%" in md
+    for png in ("loss.png", "flip_rate.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_supported_options_splits_rejected_keys() -> None:
+    kept, dropped = supported_options({"n": 2, "m": 4, "bogus": 1, "forward": "nonsense"})
+    assert kept == {"n": 2, "m": 4}
+    assert dropped == {"bogus": 1, "forward": "nonsense"}
+
+
+def test_cli_help_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["demo", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--steps",
+        "--batch-size",
+        "--seq-len",
+        "--d-model",
+        "--layers",
+        "--device",
+        "--seed",
+        "--out",
+        "--quick",
+    ):
+        assert flag in out
+    for argv in (
+        [],
+        ["demo", "--steps", "0"],
+        ["demo", "--bogus"],
+        ["demo", "--device", "tpu"],
+        ["demo", "--d-model", "30"],
+        ["train"],
+    ):
+        assert main(argv) == 2, argv
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_cli_cuda_unavailable_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 1
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_python_dash_m_entry_point() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nmcompile", "demo", "--steps", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--steps" in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "final val loss" in printed and "nm.linear_forward" in printed
+    report = json.loads((out / "report.json").read_text())
+    dense, sparse = report["recipes"]
+    for r in (dense, sparse):
+        assert r["final_val_loss"] < math.log(256) - 0.5  # learned something from uniform
+        assert r["tokens_per_s"] > 0
+    assert dense["train_curve"][0] == sparse["train_curve"][0]  # same init, data, first step
+    assert dense["mean_flip_rate"] is None and 0 <= sparse["mean_flip_rate"] <= 1
+    assert dense["sparse_flop_share"] == 0 and 0.5 < sparse["sparse_flop_share"] <= 1
+    assert sparse["tail_start"] == 34
+    for name in ("loss.png", "flip_rate.png", "report.md", "dump/summary.json", "dump/summary.txt"):
+        assert (out / name).is_file(), name
