@@ -95,7 +95,7 @@ def bimask(
     return BiMask((fwd & backward).reshape(w.shape), perm.to(w.device))
 
 
-def kept_value(value: torch.Tensor, n: int, m: int, perm: torch.Tensor) -> torch.Tensor:
+def _kept_value(value: torch.Tensor, n: int, m: int, perm: torch.Tensor) -> torch.Tensor:
     """``sum(value * B)`` for the best ``B`` under ``perm`` (top-``n`` per group and column)."""
     groups = value[perm].reshape(-1, m, value.shape[1])
     return groups.topk(n, dim=1).values.sum()
@@ -114,7 +114,7 @@ def _random_search(value, n, m, candidates, generator) -> torch.Tensor:
     best, best_score = None, -1.0
     for _ in range(candidates):
         perm = torch.randperm(value.shape[0], generator=generator)
-        score = float(kept_value(value, n, m, perm))
+        score = float(_kept_value(value, n, m, perm))
         if score > best_score:
             best, best_score = perm, score
     return best
