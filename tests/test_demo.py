@@ -183,7 +183,7 @@ def test_results_table_formats_figures() -> None:
 
 def test_write_outputs(tmp_path: Path) -> None:
     report = {
-        "model": {"d_model": 8},
+        "model": {"d_model": 8, "n_layer": 1, "parameters": 1234},
         "steps": 2,
         "batch_size": 1,
         "seq_len": 4,
@@ -197,6 +197,7 @@ def test_write_outputs(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "report.json").read_text())["recipes"][1]["mean_flip_rate"] == 0.1
     md = (tmp_path / "report.md").read_text()
     assert "| table |" in md and "a note" in md and "62.5%" in md
+    assert "d_model 8, 1 layers, 1,234 parameters" in md
     for png in ("loss.png", "flip_rate.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -263,7 +264,9 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for r in (dense, sparse):
         assert r["final_val_loss"] < math.log(256) - 0.5  # learned something from uniform
         assert r["tokens_per_s"] > 0
-    assert dense["train_curve"][0] == sparse["train_curve"][0]  # same init, data, first step
+    # Same init and first batch; the sparse loss differs only by the 2:4 mask on tiny weights.
+    (s0, d0), (s1, d1) = dense["train_curve"][0], sparse["train_curve"][0]
+    assert s0 == s1 == 1 and abs(d0 - math.log(256)) < 0.05 and abs(d0 - d1) < 0.02
     assert dense["mean_flip_rate"] is None and 0 <= sparse["mean_flip_rate"] <= 1
     assert dense["sparse_flop_share"] == 0 and 0.5 < sparse["sparse_flop_share"] <= 1
     assert sparse["tail_start"] == 34

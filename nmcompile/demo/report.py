@@ -133,11 +133,12 @@ def write_outputs(out: Path, report: Mapping[str, Any], matmul_table: str) -> No
     """Write ``report.json``, ``report.md``, ``loss.png`` and ``flip_rate.png`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    recipes = report["recipes"]
+    recipes, model = report["recipes"], report["model"]
     md = [
         "# nmcompile demo",
         "",
-        f"TinyGPT {report['model']}, {report['steps']} steps of batch "
+        f"TinyGPT (d_model {model.get('d_model')}, {model.get('n_layer')} layers, "
+        f"{model.get('parameters', '?'):,} parameters), {report['steps']} steps of batch "
         f"{report['batch_size']} x {report['seq_len']} bytes on {report['device']}; corpus: "
         f"{report['corpus']['train_bytes']:,} train / {report['corpus']['val_bytes']:,} "
         "validation bytes of Python stdlib sources.",

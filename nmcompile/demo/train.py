@@ -86,6 +86,38 @@ def _eval_steps(s: Schedule, phases: Sequence[Phase]) -> set[int]:
     return points
 
 
+def _train_step(
+    compiled: Callable, model: torch.nn.Module, opt: torch.optim.Optimizer, s: Schedule, step: int
+) -> tuple[float, float]:
+    """One optimizer step on batch ``step``; returns its loss and wall time in seconds."""
+    for group in opt.param_groups:
+        group["lr"] = s.lr_at(step)
+    x, y = (t.to(s.device) for t in windows(s.train, s.offsets[step], s.seq_len))
+    t0 = time.perf_counter()
+    loss = _loss(compiled, x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    value = loss.item()
+    _sync(s.device)
+    return value, time.perf_counter() - t0
+
+
+def _summarize(rec: dict[str, Any], s: Schedule, timed_s: float, timed_steps: int) -> None:
+    """Headline figures: train loss averaged over the last 5% of steps, last validation loss,
+    throughput over the steps that did not compile, mean of the flip-rate snapshots."""
+    tail = max(1, s.steps // 20)
+    flips = [r for _, r in rec["flip_curve"] if not math.isnan(r)]
+    tokens = s.offsets.shape[1] * s.seq_len * timed_steps
+    rec.update(
+        final_train_loss=sum(v for _, v in rec["train_curve"][-tail:]) / tail,
+        final_val_loss=rec["val_curve"][-1][1],
+        tokens_per_s=tokens / timed_s if timed_s else None,
+        mean_flip_rate=sum(flips) / len(flips) if flips else None,
+    )
+
+
 def train_recipe(
     name: str,
     model: torch.nn.Module,
@@ -95,8 +127,7 @@ def train_recipe(
 ) -> dict[str, Any]:
     """Train ``model`` in place through ``phases``; return curves and headline figures."""
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    starts = {p.start: p for p in phases}
-    evals = _eval_steps(s, phases)
+    starts, evals = {p.start: p for p in phases}, _eval_steps(s, phases)
     rec: dict[str, Any] = {
         "name": name,
         "train_curve": [],
@@ -106,27 +137,15 @@ def train_recipe(
         "val_loss_before_tail": None,
         "tail_start": phases[-1].start if len(phases) > 1 else None,
     }
-    timed_s, timed_steps, snapshot, compiled, phase = 0.0, 0, None, None, None
+    timed_s, timed_steps, t_start = 0.0, 0, time.perf_counter()
     bar = tqdm(range(s.steps), desc=name, disable=not progress, dynamic_ncols=True)
-    t_start = time.perf_counter()
     for step in bar:
         if step in starts:
             phase = starts[step]
             compiled = torch.compile(model, backend=phase.backend, options=phase.options)
             snapshot, first = None, True
-        for group in opt.param_groups:
-            group["lr"] = s.lr_at(step)
-        x, y = (t.to(s.device) for t in windows(s.train, s.offsets[step], s.seq_len))
-        t0 = time.perf_counter()
-        loss = _loss(compiled, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        _sync(s.device)
-        elapsed = time.perf_counter() - t0
-        if first:  # the step that compiled: kept out of the throughput
+        value, elapsed = _train_step(compiled, model, opt, s, step)
+        if first:  # the step that compiled is kept out of the throughput
             rec["compile_s"].append(round(elapsed, 2))
             first = False
         else:
@@ -138,20 +157,11 @@ def train_recipe(
                 rec["flip_curve"].append((step + 1, flip_rate(snapshot, current)))
             snapshot = current
         if step + 1 in evals:
-            val = _evaluate(compiled, s)
-            rec["val_curve"].append((step + 1, val))
+            rec["val_curve"].append((step + 1, _evaluate(compiled, s)))
             if rec["tail_start"] == step + 1:
-                rec["val_loss_before_tail"] = val
-            bar.set_postfix(loss=f"{value:.3f}", val=f"{val:.3f}")
+                rec["val_loss_before_tail"] = rec["val_curve"][-1][1]
+            bar.set_postfix(loss=f"{value:.3f}", val=f"{rec['val_curve'][-1][1]:.3f}")
     bar.close()
-    tokens = s.offsets.shape[1] * s.seq_len
-    tail = max(1, s.steps // 20)
-    flips = [r for _, r in rec["flip_curve"] if not math.isnan(r)]
-    rec.update(
-        wall_s=round(time.perf_counter() - t_start, 2),
-        final_train_loss=sum(v for _, v in rec["train_curve"][-tail:]) / tail,
-        final_val_loss=rec["val_curve"][-1][1],
-        tokens_per_s=tokens * timed_steps / timed_s if timed_s else None,
-        mean_flip_rate=sum(flips) / len(flips) if flips else None,
-    )
+    rec["wall_s"] = round(time.perf_counter() - t_start, 2)
+    _summarize(rec, s, timed_s, timed_steps)
     return rec
