@@ -47,7 +47,7 @@ SPARSE_OPTIONS: dict[str, Any] = {
 class DemoConfig:
     """Sizes and settings of one demo run (the CLI's flags)."""
 
-    steps: int = 300
+    steps: int = 240
     batch_size: int = 16
     seq_len: int = 64
     d_model: int = 64
