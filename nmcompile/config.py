@@ -19,7 +19,13 @@ from typing import Any
 
 from .solvers.patterns import MAX_PATTERN_M
 
-__all__ = ["NMConfig", "FORWARD_POLICIES", "GRAD_INPUT_POLICIES", "GRAD_WEIGHT_POLICIES"]
+__all__ = [
+    "FORWARD_POLICIES",
+    "GRAD_INPUT_POLICIES",
+    "GRAD_WEIGHT_POLICIES",
+    "MVUE_METHODS",
+    "NMConfig",
+]
 
 #: ``forward``: ``transposable`` = exact max-magnitude mask with at most n per row and column of
 #: every m x m tile (serves forward and grad-input); ``rowwise`` = top-n of every m along
@@ -30,8 +36,13 @@ FORWARD_POLICIES = ("auto", "transposable", "rowwise")
 #: ``dense`` = the exact gradient dY @ (W*mask) on a dense GEMM; ``auto`` = transposable when
 #: the forward mask is, else dense.
 GRAD_INPUT_POLICIES = ("auto", "transposable", "dense")
-#: ``grad_weight``: ``dense`` = dY.T @ X on a dense GEMM, straight through to the dense weight.
-GRAD_WEIGHT_POLICIES = ("dense",)
+#: ``grad_weight``: ``dense`` = dY.T @ X on a dense GEMM, straight through to the dense weight;
+#: ``mvue`` = dY pruned to ``mvue_n:mvue_m`` along the token (reduction) dim by a minimum-variance
+#: unbiased stochastic mask, then a sparse GEMM (still straight through to the dense weight).
+GRAD_WEIGHT_POLICIES = ("dense", "mvue")
+#: ``mvue_method``: ``exact`` MVUE, or the cheaper two-draw ``approx`` (also unbiased; 2:4).
+MVUE_METHODS = ("exact", "approx")
+MVUE_RATIOS = ((1, 2), (2, 4))
 
 _ENV_DUMP_DIR = "NMCOMPILE_DUMP_DIR"
 
@@ -49,6 +60,10 @@ class NMConfig:
         forward: forward-mask policy, one of :data:`FORWARD_POLICIES`.
         grad_input: grad-input policy, one of :data:`GRAD_INPUT_POLICIES`.
         grad_weight: grad-weight policy, one of :data:`GRAD_WEIGHT_POLICIES`.
+        mvue_n, mvue_m: the ratio ``grad_weight="mvue"`` prunes dY to (1:2 or 2:4).
+        mvue_method: one of :data:`MVUE_METHODS`.
+        decay: masked decay (SR-STE) ``alpha``: the backward graph adds
+            ``alpha * (1 - mask) * W`` to each masked weight's gradient; 0 disables it.
         min_numel: weights with fewer elements stay dense (semi-structured kernels need at
             least a 16 x 16 sparse operand).
         dump_dir: folder for graph dumps and the per-matmul table; ``None`` reads
@@ -62,12 +77,16 @@ class NMConfig:
     forward: str = "auto"
     grad_input: str = "auto"
     grad_weight: str = "dense"
+    mvue_n: int = 2
+    mvue_m: int = 4
+    mvue_method: str = "exact"
+    decay: float = 0.0
     min_numel: int = 256
     dump_dir: str | None = None
     inductor: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("n", "m", "min_numel"):
+        for key in ("n", "m", "mvue_n", "mvue_m", "min_numel"):
             if not _is_int(getattr(self, key)):
                 raise ValueError(f"NMConfig.{key} must be an int, got {getattr(self, key)!r}")
         if not 0 < self.n < self.m:
@@ -78,11 +97,21 @@ class NMConfig:
             ("forward", FORWARD_POLICIES),
             ("grad_input", GRAD_INPUT_POLICIES),
             ("grad_weight", GRAD_WEIGHT_POLICIES),
+            ("mvue_method", MVUE_METHODS),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(
                     f"NMConfig.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}"
                 )
+        if (self.mvue_n, self.mvue_m) not in MVUE_RATIOS:
+            raise ValueError(
+                f"NMConfig.mvue_n:mvue_m={self.mvue_n}:{self.mvue_m} is not supported; "
+                "MVUE gradient pruning supports 1:2 and 2:4"
+            )
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not (
+            0 <= self.decay < float("inf")
+        ):
+            raise ValueError(f"NMConfig.decay must be a finite float >= 0, got {self.decay!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"NMConfig.dump_dir must be a path or None, got {self.dump_dir!r}")
         if not isinstance(self.inductor, bool):

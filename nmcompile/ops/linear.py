@@ -14,7 +14,11 @@ op                        computes                     sparse operand (N:M along
 ========================  ===========================  ======================================
 ``nm::linear_forward``     ``x @ (W*M).T + bias``        ``W*M``, N:M along in-features
 ``nm::linear_grad_input``  ``grad_out @ (W*M)``          ``(W*M).T``, N:M along out-features
+``nm::sparse_mm``          ``a @ b``                     ``a``, already pruned N:M along dim 1
 ========================  ===========================  ======================================
+
+``nm::sparse_mm`` carries the grad-weight GEMM ``dY^T X`` once dY has been pruned (MVUE) along
+the token dim: its left operand is N:M along the reduction dim by construction.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["linear_forward", "linear_grad_input", "masked_weight"]
+__all__ = ["linear_forward", "linear_grad_input", "masked_weight", "sparse_mm"]
 
 
 def masked_weight(weight: Tensor, mask: Tensor) -> Tensor:
@@ -69,6 +73,41 @@ def linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
 def _(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
     _check("nm::linear_grad_input", grad_out, weight, mask, a_dim=-1, w_dim=0)
     return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
+
+
+@torch.library.custom_op("nm::sparse_mm", mutates_args=())
+def sparse_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for 2-D ``a`` that is N:M sparse along dim 1 (pruned by the caller)."""
+    _check_mm(a, b)
+    return torch.mm(a, b).contiguous()
+
+
+@sparse_mm.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    _check_mm(a, b)
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _check_mm(a: Tensor, b: Tensor) -> None:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+        raise ValueError(
+            f"nm::sparse_mm: cannot multiply {a.dtype} {tuple(a.shape)} by {b.dtype} "
+            f"{tuple(b.shape)}"
+        )
+
+
+def _sparse_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _sparse_mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad_a = grad @ b.t() if ctx.needs_input_grad[0] else None
+    grad_b = a.t() @ grad if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+sparse_mm.register_autograd(_sparse_mm_backward, setup_context=_sparse_mm_setup)
 
 
 def _flat(t: Tensor) -> Tensor:

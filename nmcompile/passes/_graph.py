@@ -51,11 +51,13 @@ class GraphEditor:
         return node
 
     def inline(self, fn: Callable[..., torch.Tensor], inputs: Sequence[fx.Node],
-               tag: str) -> fx.Node:
+               tag: str, like: fx.Node | None = None) -> fx.Node:
         """Trace ``fn`` to aten ops (Inductor's decompositions) and copy it into the graph.
 
         Tensor constants the trace creates (e.g. a pattern table) become attributes of the
-        graph's module under fresh names. Returns the node holding ``fn``'s result.
+        graph's module under fresh names. ``like`` gives the new nodes its provenance (see
+        :meth:`call`); without it they are tagged as forward nodes. Returns the node holding
+        ``fn``'s result.
         """
         from torch._inductor.decomposition import select_decomp_table
 
@@ -76,6 +78,8 @@ class GraphEditor:
                 new = self._constant(getattr(traced, node.target), node, tag)
             else:
                 new = self.graph.node_copy(node, lambda n: env[n])
+            if like is not None:
+                new.meta.update({k: like.meta[k] for k in _COPIED_META if k in like.meta})
             new.meta.setdefault("partitioner_tag", "is_forward")
             env[node] = new
         assert result is not None, "traced function has no output"

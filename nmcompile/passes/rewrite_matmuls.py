@@ -9,7 +9,10 @@ For each matmul with a 2-D parameter operand ``W`` (``nn.Linear``, ``F.linear``,
   the current dense ``W`` by aten ops traced into the graph (Inductor generates the kernel);
 * grad-input ``dX = dY W`` becomes ``nm.linear_grad_input(dY, W, mask)`` (the transposable
   mask is N:M along out-features too), or a dense GEMM on the masked weight;
-* grad-weight ``dW = dY^T X`` stays dense: a straight-through estimator to the dense weight.
+* grad-weight ``dW = dY^T X`` is a straight-through estimator to the dense weight: a dense
+  GEMM, or with ``grad_weight="mvue"`` ``nm.sparse_mm`` on dY pruned N:M along the token dim
+  by an unbiased stochastic mask (traced into the graph);
+* with ``decay > 0`` each masked weight's gradient gets ``decay * (1 - mask) * W`` (SR-STE).
 
 Forward and backward GEMMs of one layer are paired by ``meta["seq_nr"]`` (the autograd node
 both come from). Invariant after the pass: every forward matmul that reads a masked weight has
@@ -34,6 +37,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
 from ..masking import MaskSpec, compute_mask
+from ..solvers.mvue import mvue
 from ._graph import GraphEditor
 from .eligibility import (
     Matmul,
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 _LINEAR_FORWARD = torch.ops.nm.linear_forward.default
 _LINEAR_GRAD_INPUT = torch.ops.nm.linear_grad_input.default
+_SPARSE_MM = torch.ops.nm.sparse_mm.default
 _SOURCES = tuple(sorted(str(p) for p in Path(__file__).resolve().parents[1].rglob("*.py")))
 
 
@@ -139,7 +144,7 @@ class _Rewriter:
         self.edit = GraphEditor(graph)
         self.records: list[MatmulRecord] = []
         self.masks: dict[fx.Node, tuple[MaskSpec, fx.Node]] = {}
-        self.forward: dict[int, tuple[ParamOperand, fx.Node | None]] = {}
+        self.forward: dict[int, _Forward] = {}
 
     def run(self) -> None:
         backward = _backward_nodes(self.graph)
@@ -148,6 +153,8 @@ class _Rewriter:
             if mm is not None:
                 visit = self._visit_backward if node in backward else self._visit_forward
                 self.records.append(visit(mm))
+        if self.config.decay and backward:
+            self._add_masked_decay()
 
     # -- decisions ---------------------------------------------------------------------------
     def _visit_forward(self, mm: Matmul) -> MatmulRecord:
@@ -159,11 +166,12 @@ class _Rewriter:
         p = found[0]
         reason = self._forward_reason(mm, p)
         seq = mm.node.meta.get("seq_nr")
+        activation = mm.b if p.side == 0 else mm.a
         if reason is not None:
-            self.forward[seq] = (p, None)
+            self.forward[seq] = _Forward(p, None, activation)
             return self._record(mm, "forward", p, reason)
         mask = self._mask(mm, p)
-        self.forward[seq] = (p, mask)
+        self.forward[seq] = _Forward(p, mask, activation)
         return self._record(mm, "forward", p, None, self._replace_forward(mm, p, mask))
 
     def _visit_backward(self, mm: Matmul) -> MatmulRecord:
@@ -174,11 +182,9 @@ class _Rewriter:
                 "no forward matmul of this parameter pairs with it (seq_nr)")
             return self._record(mm, "grad_input" if found else None, found[0] if found else None,
                                 reason)
-        fwd, mask = pair
+        fwd, mask = pair.param, pair.mask
         if not found:
-            reason = ("forward GEMM of this parameter stays dense" if mask is None else
-                      "grad_weight='dense': straight-through dense GEMM")
-            return self._record(mm, "grad_weight", fwd, reason)
+            return self._grad_weight(mm, pair)
         p = found[0]
         if mask is None:
             return self._record(mm, "grad_input", p, "forward GEMM of this parameter stays dense")
@@ -198,6 +204,24 @@ class _Rewriter:
         kind = "batched matmul (bmm)" if mm.batched else "matmul"
         return (f"{kind} reads parameter {names[0]} through a reshape/expand/slice; only a "
                 "2-D weight, transposed or cast, is rewritten")
+
+    def _grad_weight(self, mm: Matmul, fwd: _Forward) -> MatmulRecord:
+        if fwd.mask is None:
+            return self._record(mm, "grad_weight", fwd.param,
+                                "forward GEMM of this parameter stays dense")
+        if self.config.grad_weight == "dense":
+            return self._record(mm, "grad_weight", fwd.param,
+                                "grad_weight='dense': straight-through dense GEMM")
+        side = _gradient_side(mm, fwd.activation)
+        tokens = mm.a.meta["val"].shape[1]
+        reason = None
+        if side is None:
+            reason = "cannot tell the output gradient from the activation"
+        elif tokens % self.config.mvue_m:
+            reason = f"{tokens} tokens: not a multiple of mvue_m={self.config.mvue_m}"
+        if reason is not None:
+            return self._record(mm, "grad_weight", fwd.param, reason)
+        return self._record(mm, "grad_weight", fwd.param, None, self._replace_mvue(mm, side))
 
     def _forward_reason(self, mm: Matmul, p: ParamOperand) -> str | None:
         if mm.scaled:
@@ -261,6 +285,44 @@ class _Rewriter:
         self._swap(mm.node, out)
         return "nm.linear_grad_input"
 
+    def _replace_mvue(self, mm: Matmul, side: int) -> str:
+        cfg, like = self.config, mm.node
+        n, m, method = cfg.mvue_n, cfg.mvue_m, cfg.mvue_method
+
+        def prune(grad: torch.Tensor) -> torch.Tensor:
+            return mvue(grad, n, m, method=method)
+
+        with self.graph.inserting_before(like):
+            if side == 0:  # dY^T @ X: prune the left operand along its rows
+                pruned = self.edit.inline(prune, [mm.a], "mvue", like=like)
+                out = self.edit.call(_SPARSE_MM, [pruned, mm.b], like=like)
+            else:  # X^T @ dY = (dY^T @ X)^T
+                grad_t = self._t(mm.b, like)
+                pruned = self.edit.inline(prune, [grad_t], "mvue", like=like)
+                out = self._t(self.edit.call(_SPARSE_MM, [pruned, self._t(mm.a, like)],
+                                             like=like), like)
+        self._swap(mm.node, out)
+        return f"nm.sparse_mm (dY mvue {n}:{m} {method})"
+
+    def _add_masked_decay(self) -> None:
+        """grad(W) += decay * where(mask, 0, W) for every masked weight with a gradient."""
+        output = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        outs = list(output.args[0])
+        primals = [n for n in self.graph.nodes if n.op == "placeholder"
+                   and not n.name.startswith("tangents")]
+        first_grad = len(outs) - len(primals)
+        for position, param in enumerate(primals):
+            grad = outs[first_grad + position]
+            if param not in self.masks or not isinstance(grad, fx.Node):
+                continue
+            mask = self.masks[param][1]
+            with self.graph.inserting_before(output):
+                pruned = self.edit.call(aten.where.ScalarSelf, [mask, 0.0, param], like=grad)
+                scaled = self.edit.call(aten.mul.Tensor, [pruned, self.config.decay], like=grad)
+                outs[first_grad + position] = self.edit.call(aten.add.Tensor, [grad, scaled],
+                                                             like=grad)
+        output.args = (type(output.args[0])(outs),) + tuple(output.args[1:])
+
     def _mask_operand(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
         operand = mm.a if p.side == 0 else mm.b
         with self.graph.inserting_before(mm.node):
@@ -297,6 +359,30 @@ def _fusable_bias(mm: Matmul) -> bool:
         return False
     val, out = mm.bias.meta["val"], mm.node.meta["val"]
     return val.dim() == 1 and val.shape[0] == out.shape[-1] and val.dtype == out.dtype
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """What the backward GEMMs of a forward matmul need to know about it."""
+
+    param: ParamOperand
+    mask: fx.Node | None  # None: the forward stayed dense
+    activation: fx.Node  # the non-parameter operand X
+
+
+def _strip_transposes(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in (aten.permute.default, aten.t.default):
+        node = node.args[0]
+    return node
+
+
+def _gradient_side(mm: Matmul, activation: fx.Node) -> int | None:
+    """Which operand of a grad-weight matmul is dY (0 left, 1 right): the one that is not X."""
+    x = _strip_transposes(activation)
+    left, right = _strip_transposes(mm.a) is x, _strip_transposes(mm.b) is x
+    if left == right:
+        return None
+    return 1 if left else 0
 
 
 def _backward_nodes(graph: fx.Graph) -> set[fx.Node]:

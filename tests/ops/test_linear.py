@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nmcompile.ops import linear_forward, linear_grad_input
+from nmcompile.ops import linear_forward, linear_grad_input, sparse_mm
 from nmcompile.solvers import transposable_mask_patterns
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
@@ -84,3 +84,23 @@ def test_bad_inputs_raise_clear_errors():
         linear_forward(torch.randn(3, 5), w, mask)
     with pytest.raises(ValueError, match="dtype mismatch"):
         linear_forward(x.double(), w, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_mm_matches_fp64(dtype):
+    from nmcompile.solvers import nm_mask
+
+    a = torch.randn(8, 16).to(dtype)
+    a = torch.where(nm_mask(a, 2, 4), a, 0)
+    b = torch.randn(16, 5).to(dtype)
+    out = sparse_mm(a, b)
+    torch.testing.assert_close(out.double(), a.double() @ b.double(), rtol=TOL[dtype][0],
+                               atol=TOL[dtype][1])
+
+
+def test_opcheck_sparse_mm():
+    a = torch.randn(8, 16, requires_grad=True)
+    b = torch.randn(16, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.nm.sparse_mm.default, (a, b))
+    with pytest.raises(ValueError, match="cannot multiply"):
+        sparse_mm(a, b.t())

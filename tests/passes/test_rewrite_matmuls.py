@@ -253,3 +253,88 @@ def test_integer_weight_stays_dense(tmp_path):
     fwd = {r["param"]: r for r in _rows(read_summary(tmp_path), "forward")}
     assert fwd["good.weight"]["sparse"]
     assert fwd["w_int"]["reason"] == "weight dtype torch.int64 is not floating point"
+
+
+# -- grad-weight policies and masked decay ---------------------------------------------------
+class _MvueLinear(torch.autograd.Function):
+    """Reference of the same estimator, eager: masked forward/grad-input, MVUE grad-weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, method):
+        ctx.save_for_backward(x, weight, mask)
+        ctx.method = method
+        return x @ torch.where(mask, weight, 0).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from nmcompile.solvers import mvue
+
+        x, weight, mask = ctx.saved_tensors
+        pruned = mvue(grad.t().contiguous(), 2, 4, method=ctx.method)  # [out, tokens]
+        return grad @ torch.where(mask, weight, 0), pruned @ x, None, None
+
+
+@pytest.mark.parametrize("method", ["exact", "approx"])
+def test_mvue_grad_weight_matches_reference_estimator(tmp_path, method):
+    torch.manual_seed(0)
+    model = Mlp(bias=False)
+    x = torch.randn(16, 16, requires_grad=True)
+    opts = {"grad_weight": "mvue", "mvue_method": method}
+    compiled = torch.compile(model, backend="nm", fullgraph=True,
+                             options={"inductor": False, "dump_dir": str(tmp_path),
+                                      "min_numel": 0, **opts})
+    y = compiled(x)
+    masks = nmcompile.masks(model)
+    torch.manual_seed(7)
+    y.square().sum().backward()
+
+    xr = x.detach().clone().requires_grad_()
+    weights = [p.detach().clone().requires_grad_() for p in (model.fc1.weight, model.fc2.weight)]
+    h = F.gelu(_MvueLinear.apply(xr, weights[0], masks["fc1.weight"], method))
+    yr = _MvueLinear.apply(h, weights[1], masks["fc2.weight"], method)
+    torch.manual_seed(7)
+    yr.square().sum().backward()
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    for param, ref in zip((model.fc1.weight, model.fc2.weight), weights, strict=True):
+        torch.testing.assert_close(param.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    rows = _rows(read_summary(tmp_path), "grad_weight")
+    assert [r["became"] for r in rows] == [f"nm.sparse_mm (dY mvue 2:4 {method})"] * 2
+    assert counters["nmcompile"]["grad_weight_sparse"] == 2
+
+
+def test_mvue_grad_weight_is_unbiased_through_the_graph():
+    torch.manual_seed(0)
+    model = Mlp(bias=True)
+    x = torch.randn(8, 16)
+    compiled = torch.compile(model, backend="nm", options={
+        "inductor": False, "min_numel": 0, "grad_weight": "mvue"})
+    compiled(x).square().sum().backward()  # compile; masks fixed (weights never change)
+    ref = masked_reference(model, nmcompile.masks(model))
+    ref(x.double()).square().sum().backward()
+    draws = []
+    for seed in range(300):
+        model.zero_grad()
+        torch.manual_seed(seed)
+        compiled(x).square().sum().backward()
+        draws.append(model.fc1.weight.grad.double().clone())
+    draws = torch.stack(draws)
+    mean, stderr = draws.mean(0), draws.std(0) / len(draws) ** 0.5
+    exact = ref.fc1.weight.grad
+    assert (draws.std(0) > 0).any(), "MVUE should make the weight gradient random"
+    # 6 standard errors per element (plus float slack): a biased estimator fails this.
+    assert ((mean - exact).abs() <= 6 * stderr + 1e-5 * exact.abs().max()).all()
+
+
+def test_masked_decay_added_to_masked_weight_gradients(tmp_path):
+    torch.manual_seed(0)
+    model = Mlp(bias=True)
+    decay = 0.25
+    x, y, cot, masks, summary = _step(model, torch.randn(6, 16), tmp_path, decay=decay)
+    ref = masked_reference(model, masks)
+    (ref(x.detach().double()) * cot.double()).sum().backward()
+    for name, param in model.named_parameters():
+        expected = dict(ref.named_parameters())[name].grad
+        if name in masks:  # (1 - mask) * W on the dense weight
+            expected = expected + decay * torch.where(masks[name], 0.0, param.detach().double())
+        torch.testing.assert_close(param.grad.double(), expected, rtol=1e-4, atol=1e-5)
