@@ -7,9 +7,21 @@ of every linear layer of the training graph; see :mod:`nmcompile.backend`.
 from . import ops  # noqa: F401  (registers the nm:: custom ops)
 from .config import NMConfig
 from .dump import format_table, read_summary
-from .masking import MaskSpec, masks
+from .masking import MaskSpec, MaskStats
+from .state import load_mask_state_dict, mask_state_dict, masks, stats
 
-__all__ = ["MaskSpec", "NMConfig", "format_table", "masks", "read_summary", "nm_backend"]
+__all__ = [
+    "MaskSpec",
+    "MaskStats",
+    "NMConfig",
+    "format_table",
+    "load_mask_state_dict",
+    "mask_state_dict",
+    "masks",
+    "nm_backend",
+    "read_summary",
+    "stats",
+]
 
 
 def __getattr__(name: str):

@@ -25,8 +25,9 @@ from torch._dynamo.exc import ShortenTraceback
 
 from .config import NMConfig
 from .dump import GraphDump
-from .masking import remember
+from .masking import MaskRecord, register
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
+from .state import MaskBank
 
 __all__ = ["NMOptionError", "nm_backend", "graph_parameters"]
 
@@ -55,21 +56,59 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     params = graph_parameters(gm, example_inputs)
     refs = {p.position: weakref.ref(example_inputs[p.position]) for p in params}
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
+    example_inputs = list(example_inputs)
+    bank = mask_inputs = None
+    if config.masks_outside_graph:
+        candidates = {p.position: example_inputs[p.position] for p in params
+                      if example_inputs[p.position].dim() == 2
+                      and example_inputs[p.position].is_floating_point()}
+        bank = MaskBank(config, candidates)
+        mask_inputs = bank.input_positions(len(example_inputs))
+        gm = _append_inputs(gm, len(bank.tensors))
+        example_inputs += bank.tensors
 
     def on_rewrite(before: str, after: str, rewrite: RewriteMatmuls) -> None:
+        if bank is not None:
+            bank.attach(rewrite.specs)
         for position, spec in rewrite.specs.items():
             param = refs[position]()
-            if param is not None:
-                remember(param, spec)
+            if param is not None and bank is None:
+                register(param, MaskRecord(spec))
         if dump is not None:
             dump.write("joint_before.py", before)
             dump.write("joint_after.py", after)
             dump.write_records(rewrite.records, config.to_dict())
 
     rewrite = RewriteMatmuls(config, {p.position: p for p in params},
-                             dump.graph_id if dump else 0, on_rewrite)
+                             dump.graph_id if dump else 0, on_rewrite, mask_inputs)
     compile_graph = _compile_inductor if config.inductor else _compile_fx_only
-    return compile_graph(gm, list(example_inputs), rewrite, dump)
+    compiled = compile_graph(gm, example_inputs, rewrite, dump)
+    return bank.wrap(compiled) if bank is not None else compiled
+
+
+def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
+    """A copy of ``gm`` with ``count`` more (mask) placeholders after its own inputs.
+
+    Dynamo's own graph is left untouched (it reads its placeholders after the backend
+    returns); the Dynamo metadata AOTAutograd reads is carried over to the copy.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    result = graph.graph_copy(gm.graph, env)
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for i in range(count):
+        with graph.inserting_after(last):
+            last = graph.placeholder(f"nm_mask_{i}")
+        last._dynamo_source = None  # no user-code source, like DDPOptimizer's own inputs
+    graph.output(result)
+    copied = fx.GraphModule(gm, graph)
+    copied.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = gm._param_name_to_source
+    return copied
 
 
 def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[GraphInput]:

@@ -25,6 +25,7 @@ __all__ = [
     "GRAD_WEIGHT_POLICIES",
     "MVUE_METHODS",
     "NMConfig",
+    "TRANSPOSABLE_METHODS",
 ]
 
 #: ``forward``: ``transposable`` = exact max-magnitude mask with at most n per row and column of
@@ -32,10 +33,18 @@ __all__ = [
 #: in-features (forward only); ``auto`` = transposable where an exact in-graph solver exists
 #: (m <= 4), else rowwise.
 FORWARD_POLICIES = ("auto", "transposable", "rowwise")
+#: ``transposable_method``: how a transposable mask is solved. ``patterns`` = exhaustive
+#: pattern search traced into the graph (m <= 4); ``mcf`` = OR-Tools min-cost flow (exact, any
+#: m) and ``greedy`` = the 2-approximation, both run outside the graph at each refresh;
+#: ``auto`` = patterns if m <= 4, else mcf.
+TRANSPOSABLE_METHODS = ("auto", "patterns", "mcf", "greedy")
 #: ``grad_input``: ``transposable`` = reuse the transposable forward mask, sparse GEMM;
-#: ``dense`` = the exact gradient dY @ (W*mask) on a dense GEMM; ``auto`` = transposable when
-#: the forward mask is, else dense.
-GRAD_INPUT_POLICIES = ("auto", "transposable", "dense")
+#: ``dense`` = the exact gradient dY @ (W*mask) on a dense GEMM; ``bimask`` = a separate
+#: backward mask, N:M along out-features after an output-channel permutation (Bi-Mask, with a
+#: row-wise forward mask), sparse GEMM, approximate gradient; ``auto`` = transposable when the
+#: forward mask is, else dense.
+GRAD_INPUT_POLICIES = ("auto", "transposable", "dense", "bimask")
+BIMASK_METHODS = ("random", "optimized")
 #: ``grad_weight``: ``dense`` = dY.T @ X on a dense GEMM, straight through to the dense weight;
 #: ``mvue`` = dY pruned to ``mvue_n:mvue_m`` along the token (reduction) dim by a minimum-variance
 #: unbiased stochastic mask, then a sparse GEMM (still straight through to the dense weight).
@@ -58,7 +67,14 @@ class NMConfig:
     Attributes:
         n, m: at most ``n`` non-zeros in every ``m`` consecutive elements (default 2:4).
         forward: forward-mask policy, one of :data:`FORWARD_POLICIES`.
+        transposable_method: solver of transposable masks, one of :data:`TRANSPOSABLE_METHODS`.
         grad_input: grad-input policy, one of :data:`GRAD_INPUT_POLICIES`.
+        bimask_candidates, bimask_method: permutation search budget and method of
+            ``grad_input="bimask"`` (``optimized`` keeps at least as much as ``random``).
+        mask_interval: optimizer steps between mask refreshes (1 = every step). A step is
+            seen as a change of the weights; micro-steps of gradient accumulation reuse the
+            mask. Above 1, or with a solver that cannot run in the graph, masks are computed
+            outside the graph and handed to it as inputs.
         grad_weight: grad-weight policy, one of :data:`GRAD_WEIGHT_POLICIES`.
         mvue_n, mvue_m: the ratio ``grad_weight="mvue"`` prunes dY to (1:2 or 2:4).
         mvue_method: one of :data:`MVUE_METHODS`.
@@ -75,7 +91,11 @@ class NMConfig:
     n: int = 2
     m: int = 4
     forward: str = "auto"
+    transposable_method: str = "auto"
     grad_input: str = "auto"
+    bimask_candidates: int = 16
+    bimask_method: str = "optimized"
+    mask_interval: int = 1
     grad_weight: str = "dense"
     mvue_n: int = 2
     mvue_m: int = 4
@@ -86,16 +106,22 @@ class NMConfig:
     inductor: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("n", "m", "mvue_n", "mvue_m", "min_numel"):
+        for key in ("n", "m", "mvue_n", "mvue_m", "min_numel", "bimask_candidates",
+                    "mask_interval"):
             if not _is_int(getattr(self, key)):
                 raise ValueError(f"NMConfig.{key} must be an int, got {getattr(self, key)!r}")
         if not 0 < self.n < self.m:
             raise ValueError(f"NMConfig.n and .m need 0 < n < m, got n={self.n}, m={self.m}")
         if self.min_numel < 0:
             raise ValueError(f"NMConfig.min_numel must be >= 0, got {self.min_numel}")
+        for key in ("bimask_candidates", "mask_interval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"NMConfig.{key} must be >= 1, got {getattr(self, key)}")
         for key, choices in (
             ("forward", FORWARD_POLICIES),
+            ("transposable_method", TRANSPOSABLE_METHODS),
             ("grad_input", GRAD_INPUT_POLICIES),
+            ("bimask_method", BIMASK_METHODS),
             ("grad_weight", GRAD_WEIGHT_POLICIES),
             ("mvue_method", MVUE_METHODS),
         ):
@@ -116,10 +142,15 @@ class NMConfig:
             raise ValueError(f"NMConfig.dump_dir must be a path or None, got {self.dump_dir!r}")
         if not isinstance(self.inductor, bool):
             raise ValueError(f"NMConfig.inductor must be a bool, got {self.inductor!r}")
-        if self.forward == "transposable" and self.m > MAX_PATTERN_M:
+        if self.transposable_method == "patterns" and self.m > MAX_PATTERN_M:
             raise ValueError(
-                f"NMConfig.forward='transposable' is computed in the graph for m <= "
-                f"{MAX_PATTERN_M}, got {self.n}:{self.m}; use forward='rowwise' (or 'auto')"
+                f"NMConfig.transposable_method='patterns' enumerates tiles for m <= "
+                f"{MAX_PATTERN_M}, got {self.n}:{self.m}; use 'mcf', 'greedy' or 'auto'"
+            )
+        if self.grad_input == "bimask" and self.forward == "transposable":
+            raise ValueError(
+                "NMConfig.grad_input='bimask' pairs a separate backward mask with a row-wise "
+                "forward mask; use forward='rowwise' (or 'auto') with it"
             )
         if self.grad_input == "transposable" and self.forward_policy != "transposable":
             raise ValueError(
@@ -132,7 +163,9 @@ class NMConfig:
         """``forward`` with ``auto`` resolved."""
         if self.forward != "auto":
             return self.forward
-        return "transposable" if self.m <= MAX_PATTERN_M else "rowwise"
+        if self.grad_input == "bimask" or self.m > MAX_PATTERN_M:
+            return "rowwise"  # min-cost flow for m > 4 is opt-in: it runs outside the graph
+        return "transposable"
 
     @property
     def grad_input_policy(self) -> str:
@@ -141,12 +174,30 @@ class NMConfig:
             return self.grad_input
         return "transposable" if self.forward_policy == "transposable" else "dense"
 
+    @property
+    def transposable_method_resolved(self) -> str:
+        """``transposable_method`` with ``auto`` resolved."""
+        if self.transposable_method != "auto":
+            return self.transposable_method
+        return "patterns" if self.m <= MAX_PATTERN_M else "mcf"
+
+    @property
+    def masks_outside_graph(self) -> bool:
+        """Whether masks are solved outside the graph and passed in as graph inputs."""
+        return (
+            self.mask_interval > 1
+            or self.grad_input == "bimask"
+            or (self.forward_policy == "transposable"
+                and self.transposable_method_resolved != "patterns")
+        )
+
     def resolved(self) -> NMConfig:
         """A copy with ``auto`` policies and the dump folder resolved (what actually runs)."""
         dump_dir = self.dump_dir if self.dump_dir is not None else os.environ.get(_ENV_DUMP_DIR)
         return dataclasses.replace(
             self,
             forward=self.forward_policy,
+            transposable_method=self.transposable_method_resolved,
             grad_input=self.grad_input_policy,
             dump_dir=os.fspath(dump_dir) if dump_dir else None,
         )

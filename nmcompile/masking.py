@@ -1,20 +1,31 @@
-"""What a forward mask is, in one place: the pass traces it into graphs, ``masks()`` reuses it.
+"""What a mask is, in one place: the pass traces it into graphs, the mask bank solves it
+outside them, and ``masks()`` / ``stats()`` read it back.
 
-The registry maps parameters (weakly, by identity) to the :class:`MaskSpec` a compiled graph
-uses for them. It is the one piece of process state nmcompile keeps: it holds no tensors and
-never keeps a parameter alive.
+The registry maps parameters (weakly, by identity) to the :class:`MaskRecord` of the graphs
+that use them. It is the one piece of process state nmcompile keeps; it never keeps a
+parameter alive.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .solvers import nm_mask, transposable_mask_patterns
+from .solvers import bimask, nm_mask, transposable_mask, transposable_mask_patterns
 
-__all__ = ["MaskSpec", "compute_mask", "masks", "remember", "spec_of"]
+__all__ = [
+    "BackwardSpec",
+    "MaskRecord",
+    "MaskSpec",
+    "MaskStats",
+    "compute_backward_mask",
+    "compute_mask",
+    "mask_stats",
+    "record_of",
+    "register",
+]
 
 
 @dataclass(frozen=True)
@@ -23,50 +34,104 @@ class MaskSpec:
 
     ``reduction_dim`` is the weight dim the forward GEMM reduces over (1 for ``nn.Linear``'s
     ``[out, in]`` weight, 0 for a ``[in, out]`` weight used as ``x @ W``): a row-wise mask is
-    N:M along it. A transposable mask is N:M along both dims.
+    N:M along it. A transposable mask is N:M along both dims; ``method`` names its solver.
     """
 
     n: int
     m: int
     policy: str
     reduction_dim: int = 1
+    method: str = "patterns"
+
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """Bi-Mask backward mask settings; ``seed`` makes every refresh reproducible."""
+
+    n: int
+    m: int
+    candidates: int
+    method: str
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MaskStats:
+    """Health of one weight's mask at its latest refresh.
+
+    ``flip_rate``: fraction of mask entries that changed since the previous refresh (``None``
+    at the first). ``density``: fraction of entries kept. ``kept_fraction``: share of ``|W|``
+    the mask keeps.
+    """
+
+    refreshes: int
+    flip_rate: float | None
+    density: float
+    kept_fraction: float
+
+
+@dataclass
+class MaskRecord:
+    """A parameter's mask as the compiled graphs use it.
+
+    ``forward``/``backward`` hold the mask tensors handed to the graphs when masks are solved
+    outside them (``None`` when the graph computes the mask itself); every graph that reads
+    the parameter shares them. ``previous`` is the mask at the last ``stats()`` call (in-graph
+    masks only).
+    """
+
+    spec: MaskSpec
+    backward_spec: BackwardSpec | None = None
+    forward: torch.Tensor | None = None
+    backward: torch.Tensor | None = None
+    previous: torch.Tensor | None = None
+    stats: MaskStats | None = None
+    refreshes: int = field(default=0)
+    steps: int = 0  # optimizer steps seen since the last refresh
+    version: int | None = None  # the weight's version counter when last seen
 
 
 def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
-    """The boolean forward mask of ``weight`` (same shape) under ``spec``."""
+    """The boolean forward mask of ``weight`` (same shape) under ``spec``.
+
+    The ``patterns`` and ``rowwise`` paths are plain torch ops, traceable into a graph.
+    """
     if spec.policy == "transposable":
-        return transposable_mask_patterns(weight, spec.n, spec.m)
+        if spec.method == "patterns":
+            return transposable_mask_patterns(weight, spec.n, spec.m)
+        return transposable_mask(weight, spec.n, spec.m, method=spec.method)
     if spec.reduction_dim == 1:
         return nm_mask(weight, spec.n, spec.m)
     return nm_mask(weight.t(), spec.n, spec.m).t()
 
 
-_SPECS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+def compute_backward_mask(weight: torch.Tensor, forward: torch.Tensor,
+                          spec: BackwardSpec) -> torch.Tensor:
+    """Bi-Mask backward mask ``F & B`` of an ``[out, in]`` weight (outside the graph)."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    result = bimask(weight.detach().cpu(), spec.n, spec.m, candidates=spec.candidates,
+                    method=spec.method, forward_mask=forward.cpu(), generator=generator)
+    return result.mask.to(weight.device)
 
 
-def remember(param: torch.Tensor, spec: MaskSpec) -> None:
-    """Record that compiled graphs mask ``param`` with ``spec``."""
-    _SPECS[param] = spec
+def mask_stats(weight: torch.Tensor, mask: torch.Tensor, previous: torch.Tensor | None,
+               refreshes: int) -> MaskStats:
+    """Flip rate against ``previous``, density and kept-magnitude fraction of ``mask``."""
+    magnitude = weight.detach().abs().double()
+    total = magnitude.sum().item()
+    flip = None if previous is None else (mask != previous).double().mean().item()
+    kept = (magnitude * mask).sum().item() / total if total > 0 else 1.0
+    return MaskStats(refreshes, flip, mask.double().mean().item(), kept)
 
 
-def spec_of(param: torch.Tensor) -> MaskSpec | None:
-    """The spec compiled graphs use for ``param``, or ``None`` if none rewrote it."""
-    return _SPECS.get(param)
+_RECORDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Boolean forward mask in use for every parameter the ``nm`` backend rewrote.
+def register(param: torch.Tensor, record: MaskRecord) -> None:
+    """Record that compiled graphs mask ``param`` as ``record`` says."""
+    _RECORDS[param] = record
 
-    Keys are the names of ``model.named_parameters()`` (a ``torch.compile``'d module is
-    unwrapped, so its names match the original model's); values have the weight's shape.
-    Masks are recomputed from the current weights exactly as the compiled graph computes them
-    at the start of its next step.
-    """
-    model = getattr(model, "_orig_mod", model)
-    out = {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            spec = spec_of(param)
-            if spec is not None:
-                out[name] = compute_mask(param.detach(), spec)
-    return out
+
+def record_of(param: torch.Tensor) -> MaskRecord | None:
+    """The record of ``param``, or ``None`` if no compiled graph masks it."""
+    return _RECORDS.get(param)

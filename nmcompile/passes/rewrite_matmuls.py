@@ -85,28 +85,37 @@ class RewriteMatmuls(CustomGraphPass):
     """The pass object handed to Inductor; ``uuid`` keys the compile caches on code + config.
 
     After it runs, ``records`` lists every matmul decision and ``specs`` maps the position of
-    every parameter it masked to its :class:`MaskSpec`. ``on_rewrite(graph_before, pass)`` is
-    called with the readable graph before the rewrite (for dumps).
+    every parameter it masked to its :class:`MaskSpec`. ``on_rewrite(before, after, pass)`` is
+    called with the readable graph before and after the rewrite (for dumps). ``mask_inputs``
+    maps a parameter's position to the graph input positions of its forward (and Bi-Mask
+    backward) masks when masks are solved outside the graph.
     """
 
     def __init__(self, config: NMConfig, params: Mapping[int, GraphInput], graph_id: int,
-                 on_rewrite: Callable[[str, str, RewriteMatmuls], None] | None = None) -> None:
+                 on_rewrite: Callable[[str, str, RewriteMatmuls], None] | None = None,
+                 mask_inputs: Mapping[int, tuple[int, int | None]] | None = None) -> None:
         self.config = config
         self.params = dict(params)
+        self.mask_inputs = dict(mask_inputs or {})
         self.graph_id = graph_id
         self.on_rewrite = on_rewrite
         self.records: list[MatmulRecord] = []
         self.specs: dict[int, MaskSpec] = {}
 
     def uuid(self) -> str:
-        key = repr((self.config, sorted((p.position, p.name) for p in self.params.values())))
+        key = repr((self.config, sorted((p.position, p.name) for p in self.params.values()),
+                    sorted(self.mask_inputs.items())))
         return get_hash_for_files(_SOURCES, key).hex()
 
     def __call__(self, graph: fx.Graph) -> None:
         before = graph.python_code("self").src if self.on_rewrite else ""
         nodes = self._param_nodes(graph)
         names = {node: self.params[pos].name for pos, node in nodes.items()}
-        rewriter = _Rewriter(graph, self.config, self.graph_id, names)
+        primals = [n for n in graph.nodes if n.op == "placeholder"
+                   and not n.name.startswith("tangents")]
+        external = {nodes[pos]: (primals[f], None if b is None else primals[b])
+                    for pos, (f, b) in self.mask_inputs.items() if pos in nodes}
+        rewriter = _Rewriter(graph, self.config, self.graph_id, names, external)
         rewriter.run()
         graph.lint()
         self.records = rewriter.records
@@ -138,9 +147,11 @@ class _Rewriter:
     """One run of the pass over one graph."""
 
     def __init__(self, graph: fx.Graph, config: NMConfig, graph_id: int,
-                 names: dict[fx.Node, str]) -> None:
+                 names: dict[fx.Node, str],
+                 external: dict[fx.Node, tuple[fx.Node, fx.Node | None]]) -> None:
         self.graph, self.config, self.graph_id = graph, config, graph_id
         self.names = names
+        self.external = external
         self.edit = GraphEditor(graph)
         self.records: list[MatmulRecord] = []
         self.masks: dict[fx.Node, tuple[MaskSpec, fx.Node]] = {}
@@ -192,6 +203,11 @@ class _Rewriter:
             return self._record(mm, "grad_input", p, "not the grad-input GEMM of its forward")
         if self.config.grad_input == "transposable":
             return self._record(mm, "grad_input", p, None, self._replace_grad_input(mm, p, mask))
+        if self.config.grad_input == "bimask":
+            backward = self.external.get(p.param, (None, None))[1]
+            if backward is not None and fwd.reduction_dim == 1:
+                became = self._replace_grad_input(mm, p, backward) + " (bimask)"
+                return self._record(mm, "grad_input", p, None, became)
         became = self._mask_operand(mm, p, mask)
         return self._record(mm, "grad_input", p,
                             "grad_input='dense': exact masked gradient on a dense GEMM", became)
@@ -243,9 +259,13 @@ class _Rewriter:
     # -- edits -------------------------------------------------------------------------------
     def _mask(self, mm: Matmul, p: ParamOperand) -> fx.Node:
         if p.param not in self.masks:
-            spec = MaskSpec(self.config.n, self.config.m, self.config.forward, p.reduction_dim)
-            with self.graph.inserting_before(mm.node):
-                node = self.edit.inline(lambda w: compute_mask(w, spec), [p.param], "mask")
+            cfg = self.config
+            spec = MaskSpec(cfg.n, cfg.m, cfg.forward, p.reduction_dim, cfg.transposable_method)
+            if p.param in self.external:  # solved outside the graph, passed in as an input
+                node = self.external[p.param][0]
+            else:
+                with self.graph.inserting_before(mm.node):
+                    node = self.edit.inline(lambda w: compute_mask(w, spec), [p.param], "mask")
             self.masks[p.param] = (spec, node)
         return self.masks[p.param][1]
 

@@ -1,0 +1,229 @@
+"""Masks over time: refresh intervals, masks solved outside the graph, stats, checkpoints.
+
+When masks are not computed inside the graph at every step (``mask_interval > 1``, the
+min-cost-flow or greedy transposable solvers, Bi-Mask backward masks), a :class:`MaskBank`
+owns one boolean tensor per mask and hands them to the compiled graph as extra inputs. Before
+each call it counts optimizer steps by watching the weights' version counters (an in-place
+update bumps them; gradient-accumulation micro-steps do not), and refreshes every mask once
+``mask_interval`` steps have passed. Refreshes are deterministic functions of the weights
+(Bi-Mask draws from a fixed seed), so every data-parallel rank computes the same masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .config import NMConfig
+from .masking import (
+    BackwardSpec,
+    MaskRecord,
+    MaskSpec,
+    MaskStats,
+    compute_backward_mask,
+    compute_mask,
+    mask_stats,
+    record_of,
+    register,
+)
+
+__all__ = ["MaskBank", "load_mask_state_dict", "mask_state_dict", "masks", "stats"]
+
+log = logging.getLogger(__name__)
+_PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()  # states loaded before compilation
+
+
+class MaskBank:
+    """The out-of-graph masks one compiled graph reads, refreshed every ``mask_interval`` steps.
+
+    Masks belong to parameters, not graphs: a second graph over the same parameter (a
+    recompile for new shapes, an eval graph) shares the first one's mask tensors and counters.
+    """
+
+    def __init__(self, config: NMConfig, params: Mapping[int, torch.Tensor]) -> None:
+        self.config = config
+        self._params = {pos: weakref.ref(p) for pos, p in params.items()}
+        bimask = config.grad_input == "bimask"
+        self.tensors: list[torch.Tensor] = []
+        self._slots: dict[int, tuple[int, int | None]] = {}
+        for pos, param in params.items():
+            fwd = len(self.tensors)
+            self.tensors.append(torch.ones_like(param, dtype=torch.bool))
+            bwd = None
+            if bimask:
+                bwd = len(self.tensors)
+                self.tensors.append(torch.ones_like(param, dtype=torch.bool))
+            self._slots[pos] = (fwd, bwd)
+        self.records: dict[int, MaskRecord] = {}
+        self._pending: list[tuple[MaskRecord, Mapping[str, Any]]] = []
+
+    def input_positions(self, first: int) -> dict[int, tuple[int, int | None]]:
+        """Parameter position -> graph input positions of its forward and backward masks."""
+        return {pos: (first + f, None if b is None else first + b)
+                for pos, (f, b) in self._slots.items()}
+
+    def attach(self, specs: Mapping[int, MaskSpec]) -> None:
+        """Adopt or create the records of the parameters the pass masked (called by the pass)."""
+        cfg = self.config
+        for pos, spec in specs.items():
+            param = self._params[pos]()
+            fwd, bwd = self._slots[pos]
+            backward = None
+            if bwd is not None and spec.reduction_dim == 1:
+                backward = BackwardSpec(cfg.n, cfg.m, cfg.bimask_candidates, cfg.bimask_method)
+            known = record_of(param) if param is not None else None
+            if (known is not None and known.forward is not None and known.spec == spec
+                    and known.backward_spec == backward):
+                record = known  # share the masks of another graph over this parameter
+                self.tensors[fwd] = record.forward
+                if bwd is not None and record.backward is not None:
+                    self.tensors[bwd] = record.backward
+            else:
+                record = MaskRecord(spec, backward, self.tensors[fwd],
+                                    None if bwd is None else self.tensors[bwd])
+            self.records[pos] = record
+            if param is not None:
+                register(param, record)
+                if param in _PENDING:  # applied at the first call: we are inside tracing here
+                    self._pending.append((record, _PENDING.pop(param)))
+
+    def before_call(self) -> None:
+        """Count optimizer steps from the weights' versions; refresh the masks that are due."""
+        while self._pending:
+            _load_record(*self._pending.pop())
+        for pos, record in self.records.items():
+            param = self._params[pos]()
+            if param is None:
+                continue
+            _observe(record, param)
+            if record.refreshes == 0 or record.steps >= self.config.mask_interval:
+                _refresh(record, param)
+
+    def wrap(self, compiled: Callable) -> Callable:
+        """The callable Dynamo runs: refresh if due, then call the graph with the masks.
+
+        ``compiled`` takes its inputs unboxed, as AOTAutograd's result for a Dynamo graph does.
+        """
+
+        def run(*args: Any) -> Any:
+            self.before_call()
+            return compiled(*args, *self.tensors)
+
+        return run
+
+
+def _observe(record: MaskRecord, param: torch.Tensor) -> None:
+    """Count an optimizer step if the weight changed since the record last saw it."""
+    if record.version is not None and param._version != record.version:
+        record.steps += 1
+    record.version = param._version
+
+
+@torch.no_grad()
+def _refresh(record: MaskRecord, param: torch.Tensor) -> None:
+    """Solve the mask from the current weight and record its stats."""
+    mask = compute_mask(param.detach(), record.spec)
+    previous = record.forward.clone() if record.refreshes else None
+    record.refreshes += 1
+    record.stats = mask_stats(param, mask, previous, record.refreshes)
+    record.forward.copy_(mask)
+    if record.backward_spec is not None:
+        record.backward.copy_(compute_backward_mask(param, mask, record.backward_spec))
+    record.steps = 0
+    log.debug("nm: refreshed a %s mask, flip rate %s", tuple(param.shape),
+              record.stats.flip_rate)
+
+
+def _named_records(model: torch.nn.Module):
+    model = getattr(model, "_orig_mod", model)
+    for name, param in model.named_parameters():
+        record = record_of(param)
+        if record is not None:
+            yield name, param, record
+
+
+def _current(param: torch.Tensor, record: MaskRecord) -> torch.Tensor:
+    if record.forward is not None:
+        return record.forward.clone()
+    with torch.no_grad():
+        return compute_mask(param.detach(), record.spec)
+
+
+def masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Boolean forward mask in use for every parameter the ``nm`` backend rewrote.
+
+    Keys are the names of ``model.named_parameters()`` (a ``torch.compile``'d module is
+    unwrapped, so its names match the original model's); values have the weight's shape.
+    Masks the graph computes itself are recomputed from the current weights exactly as the
+    graph computes them at its next step; masks solved outside the graph are copied.
+    Empty until the compiled model has run once (compilation happens at the first call).
+    """
+    return {name: _current(param, record) for name, param, record in _named_records(model)}
+
+
+def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
+    """:class:`MaskStats` (flip rate, density, kept-magnitude fraction) of every masked weight.
+
+    Masks solved outside the graph report their latest refresh. Masks the graph recomputes
+    at every step report the current mask, with the flip rate measured against the mask seen
+    at the previous ``stats()`` call.
+    """
+    out = {}
+    for name, param, record in _named_records(model):
+        if record.forward is not None and record.stats is not None:
+            out[name] = record.stats
+            continue
+        mask = _current(param, record)
+        record.refreshes += 1
+        out[name] = mask_stats(param, mask, record.previous, record.refreshes)
+        record.previous = mask
+    return out
+
+
+def mask_state_dict(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """The mask state to checkpoint beside ``model.state_dict()``.
+
+    Restoring it with :func:`load_mask_state_dict` makes a resumed run take the same next step
+    as an uninterrupted one, including mid-interval with ``mask_interval > 1``.
+    """
+    state = {}
+    for name, param, record in _named_records(model):
+        if record.forward is not None:
+            _observe(record, param)  # an optimizer step taken since the last call counts
+        state[name] = {
+            "forward": _current(param, record),
+            "backward": None if record.backward is None else record.backward.clone(),
+            "refreshes": record.refreshes,
+            "steps": record.steps,
+        }
+    return state
+
+
+def load_mask_state_dict(model: torch.nn.Module, state: Mapping[str, Mapping[str, Any]]) -> None:
+    """Restore :func:`mask_state_dict` output; before or after the model is first compiled."""
+    params = dict(getattr(model, "_orig_mod", model).named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise KeyError(f"mask state names parameters the model does not have: {unknown}")
+    for name, entry in state.items():
+        record = record_of(params[name])
+        if record is None:
+            _PENDING[params[name]] = dict(entry)
+        else:
+            _load_record(record, entry)
+
+
+def _load_record(record: MaskRecord, entry: Mapping[str, Any]) -> None:
+    if record.forward is None:
+        return  # the graph recomputes this mask from the weights at every step
+    record.forward.copy_(entry["forward"])
+    if record.backward is not None and entry.get("backward") is not None:
+        record.backward.copy_(entry["backward"])
+    record.refreshes = max(1, int(entry["refreshes"]))
+    record.steps = int(entry["steps"])
+    record.version = None  # loading the weights is not a training step
