@@ -53,7 +53,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
-    params = graph_parameters(gm, example_inputs)
+    params = graph_parameters(gm, example_inputs, config)
     refs = {p.position: weakref.ref(example_inputs[p.position]) for p in params}
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
@@ -111,15 +111,18 @@ def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
     return copied
 
 
-def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[GraphInput]:
-    """The graph inputs that are ``nn.Parameter``s, named as ``named_parameters()`` names them."""
+def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                     config: NMConfig | None = None) -> list[GraphInput]:
+    """The graph inputs that are ``nn.Parameter``s, named as ``named_parameters()`` names them,
+    with the reason ``config``'s layer filter leaves each dense, if it does."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     found = []
     for position, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
         source = _source_name(node)
         if isinstance(value, torch.nn.Parameter) or "._parameters[" in source:
-            found.append(GraphInput(position, _param_name(source) or node.name,
-                                    tuple(value.shape)))
+            name = _param_name(source) or node.name
+            excluded = config.excludes(name, value) if config is not None else None
+            found.append(GraphInput(position, name, tuple(value.shape), excluded))
     return found
 
 

@@ -12,8 +12,9 @@ This module is the only place that reads environment variables (``NMCOMPILE_DUMP
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,9 @@ MVUE_METHODS = ("exact", "approx")
 MVUE_RATIOS = ((1, 2), (2, 4))
 
 _ENV_DUMP_DIR = "NMCOMPILE_DUMP_DIR"
+#: Parameter-name patterns left dense by default: embeddings and language-model heads (tied
+#: or not), which papers and peers keep dense.
+DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*lm_head*")
 
 
 def _is_int(value: Any) -> bool:
@@ -82,6 +86,9 @@ class NMConfig:
             ``alpha * (1 - mask) * W`` to each masked weight's gradient; 0 disables it.
         min_numel: weights with fewer elements stay dense (semi-structured kernels need at
             least a 16 x 16 sparse operand).
+        include: ``fnmatch`` patterns of parameter names to sparsify (``None``: all).
+        exclude: patterns of parameter names to leave dense (default :data:`DEFAULT_EXCLUDE`).
+        param_filter: optional predicate ``(name, param) -> bool`` applied after the patterns.
         dump_dir: folder for graph dumps and the per-matmul table; ``None`` reads
             ``NMCOMPILE_DUMP_DIR`` (unset: no dump).
         inductor: ``True`` hands the rewritten graphs to Inductor; ``False`` runs them as
@@ -102,6 +109,9 @@ class NMConfig:
     mvue_method: str = "exact"
     decay: float = 0.0
     min_numel: int = 256
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    param_filter: Callable[[str, Any], bool] | None = None
     dump_dir: str | None = None
     inductor: bool = True
 
@@ -138,6 +148,16 @@ class NMConfig:
             0 <= self.decay < float("inf")
         ):
             raise ValueError(f"NMConfig.decay must be a finite float >= 0, got {self.decay!r}")
+        for key in ("include", "exclude"):
+            value = getattr(self, key)
+            if isinstance(value, str) or (value is not None and not all(
+                    isinstance(v, str) for v in value)):
+                raise ValueError(f"NMConfig.{key} must be a sequence of name patterns, got "
+                                 f"{value!r}")
+            if value is not None:
+                object.__setattr__(self, key, tuple(value))
+        if self.param_filter is not None and not callable(self.param_filter):
+            raise ValueError(f"NMConfig.param_filter must be callable, got {self.param_filter!r}")
         if self.dump_dir is not None and not isinstance(self.dump_dir, (str, os.PathLike)):
             raise ValueError(f"NMConfig.dump_dir must be a path or None, got {self.dump_dir!r}")
         if not isinstance(self.inductor, bool):
@@ -174,6 +194,17 @@ class NMConfig:
             return self.grad_input
         return "transposable" if self.forward_policy == "transposable" else "dense"
 
+    def excludes(self, name: str, param: Any) -> str | None:
+        """Why the layer filter leaves parameter ``name`` dense, or ``None`` if it does not."""
+        if self.include is not None and not any(fnmatch.fnmatch(name, p) for p in self.include):
+            return f"not matched by include={list(self.include)}"
+        hit = next((p for p in self.exclude if fnmatch.fnmatch(name, p)), None)
+        if hit is not None:
+            return f"excluded by pattern {hit!r}"
+        if self.param_filter is not None and not self.param_filter(name, param):
+            return "rejected by param_filter"
+        return None
+
     @property
     def transposable_method_resolved(self) -> str:
         """``transposable_method`` with ``auto`` resolved."""
@@ -203,8 +234,12 @@ class NMConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of the fields (JSON-friendly)."""
-        return dataclasses.asdict(self)
+        """Plain dict of the fields (JSON-friendly: a ``param_filter`` is shown by name)."""
+        fields = dataclasses.asdict(self)
+        if self.param_filter is not None:
+            fields["param_filter"] = getattr(self.param_filter, "__qualname__",
+                                             repr(self.param_filter))
+        return fields
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> NMConfig:

@@ -40,6 +40,8 @@ def test_config_object_and_overrides():
         ({"bimask_method": "best"}, ["bimask_method='best'", "optimized"]),
         ({"forward": "rowwise", "grad_input": "transposable"}, ["grad_input='dense'"]),
         ({"config": {"n": 2}}, ["options['config']"]),
+        ({"exclude": "lm_head"}, ["NMConfig.exclude", "sequence"]),
+        ({"param_filter": 3}, ["param_filter", "callable"]),
     ],
 )
 def test_bad_options_name_the_key(options, words):

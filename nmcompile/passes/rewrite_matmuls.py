@@ -74,11 +74,13 @@ class MatmulRecord:
 
 @dataclass(frozen=True)
 class GraphInput:
-    """A parameter among the graph inputs: its position, name and shape."""
+    """A parameter among the graph inputs: its position, name, shape, and why the layer filter
+    leaves it dense (``None``: it may be rewritten)."""
 
     position: int
     name: str
     shape: tuple[int, ...]
+    excluded: str | None = None
 
 
 class RewriteMatmuls(CustomGraphPass):
@@ -115,7 +117,9 @@ class RewriteMatmuls(CustomGraphPass):
                    and not n.name.startswith("tangents")]
         external = {nodes[pos]: (primals[f], None if b is None else primals[b])
                     for pos, (f, b) in self.mask_inputs.items() if pos in nodes}
-        rewriter = _Rewriter(graph, self.config, self.graph_id, names, external)
+        excluded = {node: self.params[pos].excluded for pos, node in nodes.items()
+                    if self.params[pos].excluded}
+        rewriter = _Rewriter(graph, self.config, self.graph_id, names, external, excluded)
         rewriter.run()
         graph.lint()
         self.records = rewriter.records
@@ -148,10 +152,12 @@ class _Rewriter:
 
     def __init__(self, graph: fx.Graph, config: NMConfig, graph_id: int,
                  names: dict[fx.Node, str],
-                 external: dict[fx.Node, tuple[fx.Node, fx.Node | None]]) -> None:
+                 external: dict[fx.Node, tuple[fx.Node, fx.Node | None]],
+                 excluded: dict[fx.Node, str]) -> None:
         self.graph, self.config, self.graph_id = graph, config, graph_id
         self.names = names
         self.external = external
+        self.excluded = excluded
         self.edit = GraphEditor(graph)
         self.records: list[MatmulRecord] = []
         self.masks: dict[fx.Node, tuple[MaskSpec, fx.Node]] = {}
@@ -240,6 +246,8 @@ class _Rewriter:
         return self._record(mm, "grad_weight", fwd.param, None, self._replace_mvue(mm, side))
 
     def _forward_reason(self, mm: Matmul, p: ParamOperand) -> str | None:
+        if p.param in self.excluded:
+            return self.excluded[p.param]
         if mm.scaled:
             return "addmm with alpha or beta != 1"
         cfg = self.config

@@ -338,3 +338,34 @@ def test_masked_decay_added_to_masked_weight_gradients(tmp_path):
         if name in masks:  # (1 - mask) * W on the dense weight
             expected = expected + decay * torch.where(masks[name], 0.0, param.detach().double())
         torch.testing.assert_close(param.grad.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+class Named(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_proj = nn.Linear(16, 16)
+        self.body = nn.Linear(16, 16)
+        self.lm_head = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lm_head(torch.tanh(self.body(torch.tanh(self.embed_proj(x)))))
+
+
+@pytest.mark.parametrize("options, sparse", [
+    ({}, {"body.weight"}),  # default: embeddings and LM heads stay dense
+    ({"exclude": ()}, {"embed_proj.weight", "body.weight", "lm_head.weight"}),
+    ({"include": ["*head*", "body.*"], "exclude": []}, {"body.weight", "lm_head.weight"}),
+    ({"exclude": [], "param_filter": lambda name, p: p.shape[0] == 16 and "body" not in name},
+     {"embed_proj.weight", "lm_head.weight"}),
+])
+def test_layer_filter(tmp_path, options, sparse):
+    torch.manual_seed(0)
+    model = Named()
+    x, y, cot, masks, summary = _step(model, torch.randn(4, 16), tmp_path, **options)
+    assert set(masks) == sparse
+    fwd = {r["param"]: r for r in _rows(summary, "forward")}
+    for name, row in fwd.items():
+        assert row["sparse"] == (name in sparse), name
+        if name not in sparse:
+            assert any(w in row["reason"] for w in ("excluded", "include", "param_filter"))
+    _check_numerics(model, x, y, cot, masks)
