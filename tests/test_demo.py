@@ -27,7 +27,6 @@ from nmcompile.demo.report import (
     sparse_flop_share,
     write_outputs,
 )
-from nmcompile.demo.run import supported_options
 
 
 @pytest.fixture
@@ -201,11 +200,6 @@ def test_write_outputs(tmp_path: Path) -> None:
     for png in ("loss.png", "flip_rate.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-
-def test_supported_options_splits_rejected_keys() -> None:
-    kept, dropped = supported_options({"n": 2, "m": 4, "bogus": 1, "forward": "nonsense"})
-    assert kept == {"n": 2, "m": 4}
-    assert dropped == {"bogus": 1, "forward": "nonsense"}
 
 
 def test_cli_help_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:

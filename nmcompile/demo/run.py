@@ -25,7 +25,6 @@ __all__ = [
     "DemoConfig",
     "DemoResult",
     "run_demo",
-    "supported_options",
 ]
 
 DENSE_BACKEND = "inductor"
@@ -74,24 +73,6 @@ class DemoResult:
     matmul_table: str
 
 
-def supported_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split ``options`` into those this ``NMConfig`` accepts and those it rejects.
-
-    Lets the demo run against a backend that does not implement every setting of the recipe
-    yet; the rejected ones are reported, never silently ignored.
-    """
-    kept, dropped = {}, {}
-    for key, value in options.items():
-        try:
-            NMConfig.from_options({key: value})
-        except ValueError:
-            dropped[key] = value
-        else:
-            kept[key] = value
-    NMConfig.from_options(kept)  # the kept set must also hold together
-    return kept, dropped
-
-
 def _phases(cfg: DemoConfig, options: dict[str, Any] | None) -> list[Phase]:
     tail = round(cfg.steps * cfg.tail_fraction)
     sparse = [Phase(0, cfg.sparse_backend, options)]
@@ -124,11 +105,11 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     dense_model = TinyGPT(gpt).to(device)
     sparse_model = copy.deepcopy(dense_model)
 
-    notes, options = [], None
+    notes: list[str] = []
+    options = None
     if cfg.sparse_backend == "nm":
-        options, dropped = supported_options({**cfg.sparse_options, "dump_dir": str(dump)})
-        if dropped:
-            notes.append(f"the nm backend rejected the options {dropped}: ran without them")
+        options = {**cfg.sparse_options, "dump_dir": str(dump)}
+        NMConfig.from_options(options)  # a bad recipe fails here, before any training
     recipes = []
     for name, model, phases in (
         ("dense", dense_model, [Phase(0, DENSE_BACKEND)]),
