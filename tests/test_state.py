@@ -154,3 +154,20 @@ def test_resume_from_checkpoint_takes_the_same_next_steps(load_before_compile):
 def test_load_mask_state_rejects_unknown_names():
     with pytest.raises(KeyError, match="nope"):
         nmcompile.load_mask_state_dict(Mlp(), {"nope": {}})
+
+
+def test_dense_tail_by_recompiling_with_a_dense_backend():
+    """The documented dense fine-tuning: compile the same module with a dense backend."""
+    torch.manual_seed(0)
+    model = Mlp()
+    sparse = _compile(model, decay=0.1)
+    _train(model, sparse, steps=2, check=False)
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    dense = torch.compile(model, backend="aot_eager")
+    out = dense(x)
+    torch.testing.assert_close(out, model(x))  # every weight is back in the forward
+    masked = masked_reference(model, nmcompile.masks(model))(x.double())
+    assert not torch.allclose(out.double(), masked, atol=1e-4)
+    out.square().sum().backward()
+    assert model.fc1.weight.grad is not None
