@@ -1,0 +1,79 @@
+"""The 2:4 pattern solver keeps exactly as much magnitude as scoring every pattern does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _solver_brute import all_tile_masks, tiles_of
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from nmcompile.solvers import tile_patterns, transposable_mask_patterns
+
+
+def reference_kept(w: torch.Tensor, exact_n: bool) -> torch.Tensor:
+    """Best kept |w| per tile by the former formulation: [tiles, 16] @ [16, P], then max."""
+    mag = torch.nan_to_num(w.abs().double(), nan=0.0)
+    masks = torch.from_numpy(all_tile_masks(2, 4, exact_n))  # every admissible 4x4 mask
+    tiles = torch.from_numpy(tiles_of(mag.numpy(), 4)).reshape(-1, 16)
+    return (tiles @ masks.t()).max(dim=1).values
+
+
+def kept(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mag = torch.nan_to_num(w.abs().double(), nan=0.0).numpy()
+    return torch.from_numpy((tiles_of(mag, 4) * tiles_of(mask.numpy(), 4)).sum(axis=(1, 2)))
+
+
+def assert_2_4(mask: torch.Tensor, exact_n: bool) -> None:
+    t = torch.from_numpy(tiles_of(mask.numpy().astype("int64"), 4))
+    rows, cols = t.sum(dim=2), t.sum(dim=1)
+    if exact_n:
+        assert (rows == 2).all() and (cols == 2).all()
+    assert (rows <= 2).all() and (cols <= 2).all()
+
+
+@pytest.mark.parametrize("exact_n", [False, True])
+@pytest.mark.parametrize("dist", ["normal", "integers", "sparse", "heavy"])
+def test_kept_magnitude_matches_the_matmul_formulation(dist, exact_n):
+    gen = torch.Generator().manual_seed(11)
+    shape = (128, 256)
+    w = {
+        "normal": lambda: torch.randn(shape, generator=gen, dtype=torch.float64),
+        "integers": lambda: torch.randint(-3, 4, shape, generator=gen).double(),  # many ties
+        "sparse": lambda: torch.randn(shape, generator=gen, dtype=torch.float64)
+        * (torch.rand(shape, generator=gen) < 0.3),
+        "heavy": lambda: torch.randn(shape, generator=gen, dtype=torch.float64).pow(5),
+    }[dist]()
+    mask = transposable_mask_patterns(w, 2, 4, exact_n)
+    assert_2_4(mask, exact_n)
+    torch.testing.assert_close(kept(w, mask), reference_kept(w, exact_n), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("exact_n", [False, True])
+def test_float32_kept_magnitude_matches_within_rounding(exact_n):
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(12))
+    mask = transposable_mask_patterns(w, 2, 4, exact_n)
+    assert_2_4(mask, exact_n)
+    torch.testing.assert_close(kept(w, mask), reference_kept(w, exact_n), rtol=1e-6, atol=0)
+
+
+def test_every_maximal_pattern_can_win():
+    # One tile per maximal pattern, with 1 on the pattern and 0 elsewhere: only it keeps 7 or 8.
+    table = torch.from_numpy(tile_patterns(2, 4)).double()  # [186, 16]
+    w = table.reshape(-1, 4, 4).reshape(-1, 4)  # tiles stacked vertically: [186*4, 4]
+    mask = transposable_mask_patterns(w, 2, 4)
+    assert torch.equal(mask.reshape(-1, 16).double(), table)
+
+
+def test_special_values_stay_admissible():
+    w = torch.tensor([[float("inf"), float("nan"), 1.0, -float("inf")]] * 4 * 2).reshape(8, 4)
+    assert_2_4(transposable_mask_patterns(w.reshape(4, 8), 2, 4), exact_n=False)
+    assert_2_4(transposable_mask_patterns(w.reshape(4, 8), 2, 4, exact_n=True), exact_n=True)
+
+
+def test_traced_graph_has_no_matmul_and_matches_eager():
+    gen = torch.Generator().manual_seed(13)
+    a, b = torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen)
+    traced = make_fx(lambda x: transposable_mask_patterns(x, 2, 4))(a)
+    targets = {str(node.target) for node in traced.graph.nodes}
+    assert not any("mm" in t.split(".")[1] for t in targets if t.startswith("aten."))
+    assert torch.equal(traced(b), transposable_mask_patterns(b, 2, 4))
