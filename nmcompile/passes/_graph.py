@@ -17,9 +17,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import tree_map
 
-__all__ = ["GraphEditor"]
+__all__ = ["GraphEditor", "primals"]
 
 _COPIED_META = ("seq_nr", "partitioner_tag", "stack_trace", "nn_module_stack", "original_aten")
+
+
+def primals(graph: fx.Graph) -> list[fx.Node]:
+    """The graph's non-tangent inputs, in order: the positions of the compiled function's args."""
+    return [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
 
 
 def _val(arg: Any) -> Any:

@@ -12,7 +12,8 @@ For each matmul with a 2-D parameter operand ``W`` (``nn.Linear``, ``F.linear``,
 * grad-weight ``dW = dY^T X`` is a straight-through estimator to the dense weight: a dense
   GEMM, or with ``grad_weight="mvue"`` ``nm.sparse_mm`` on dY pruned N:M along the token dim
   by an unbiased stochastic mask (traced into the graph);
-* with ``decay > 0`` each masked weight's gradient gets ``decay * (1 - mask) * W`` (SR-STE).
+* with ``decay > 0`` each masked weight's gradient gets ``decay * (1 - mask) * W`` (SR-STE,
+  :mod:`nmcompile.passes.add_masked_decay`).
 
 Forward and backward GEMMs of one layer are paired by ``meta["seq_nr"]`` (the autograd node
 both come from). Invariant after the pass: every forward matmul that reads a masked weight has
@@ -38,7 +39,8 @@ from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
 from ..masking import MaskSpec, compute_mask
 from ..solvers.mvue import mvue
-from ._graph import GraphEditor
+from ._graph import GraphEditor, primals
+from .add_masked_decay import add_masked_decay
 from .eligibility import (
     Matmul,
     ParamOperand,
@@ -113,9 +115,8 @@ class RewriteMatmuls(CustomGraphPass):
         before = graph.python_code("self").src if self.on_rewrite else ""
         nodes = self._param_nodes(graph)
         names = {node: self.params[pos].name for pos, node in nodes.items()}
-        primals = [n for n in graph.nodes if n.op == "placeholder"
-                   and not n.name.startswith("tangents")]
-        external = {nodes[pos]: (primals[f], None if b is None else primals[b])
+        inputs = primals(graph)
+        external = {nodes[pos]: (inputs[f], None if b is None else inputs[b])
                     for pos, (f, b) in self.mask_inputs.items() if pos in nodes}
         excluded = {node: self.params[pos].excluded for pos, node in nodes.items()
                     if self.params[pos].excluded}
@@ -134,16 +135,15 @@ class RewriteMatmuls(CustomGraphPass):
             self.on_rewrite(before, graph.python_code("self").src, self)
 
     def _param_nodes(self, graph: fx.Graph) -> dict[int, fx.Node]:
-        primals = [n for n in graph.nodes if n.op == "placeholder"
-                   and not n.name.startswith("tangents")]
+        inputs = primals(graph)
         found = {}
         for pos, info in self.params.items():
-            val = primals[pos].meta.get("val") if pos < len(primals) else None
+            val = inputs[pos].meta.get("val") if pos < len(inputs) else None
             if not isinstance(val, torch.Tensor) or tuple(val.shape) != info.shape:
                 log.warning("nm: graph input %d is not parameter %s; leaving the graph dense",
                             pos, info.name)
                 return {}
-            found[pos] = primals[pos]
+            found[pos] = inputs[pos]
         return found
 
 
@@ -171,7 +171,8 @@ class _Rewriter:
                 visit = self._visit_backward if node in backward else self._visit_forward
                 self.records.append(visit(mm))
         if self.config.decay and backward:
-            self._add_masked_decay()
+            masks = {param: node for param, (_, node) in self.masks.items()}
+            add_masked_decay(self.edit, masks, self.config.decay)
 
     # -- decisions ---------------------------------------------------------------------------
     def _visit_forward(self, mm: Matmul) -> MatmulRecord:
@@ -331,25 +332,6 @@ class _Rewriter:
                                              like=like), like)
         self._swap(mm.node, out)
         return f"nm.sparse_mm (dY mvue {n}:{m} {method})"
-
-    def _add_masked_decay(self) -> None:
-        """grad(W) += decay * where(mask, 0, W) for every masked weight with a gradient."""
-        output = next(n for n in reversed(self.graph.nodes) if n.op == "output")
-        outs = list(output.args[0])
-        primals = [n for n in self.graph.nodes if n.op == "placeholder"
-                   and not n.name.startswith("tangents")]
-        first_grad = len(outs) - len(primals)
-        for position, param in enumerate(primals):
-            grad = outs[first_grad + position]
-            if param not in self.masks or not isinstance(grad, fx.Node):
-                continue
-            mask = self.masks[param][1]
-            with self.graph.inserting_before(output):
-                pruned = self.edit.call(aten.where.ScalarSelf, [mask, 0.0, param], like=grad)
-                scaled = self.edit.call(aten.mul.Tensor, [pruned, self.config.decay], like=grad)
-                outs[first_grad + position] = self.edit.call(aten.add.Tensor, [grad, scaled],
-                                                             like=grad)
-        output.args = (type(output.args[0])(outs),) + tuple(output.args[1:])
 
     def _mask_operand(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
         operand = mm.a if p.side == 0 else mm.b
