@@ -4,7 +4,10 @@ Finding the max-magnitude transposable mask of one ``m x m`` tile is a bipartite
 every row may keep ``n`` entries, every column may keep ``n``, entry ``(i, j)`` is worth
 ``|w_ij|``. As a flow: source -> row (capacity ``n``) -> column (capacity 1, cost ``-|w_ij|``)
 -> sink (capacity ``n``). Every tile of the tensor goes into ONE flow problem, built from numpy
-arrays (no Python loop over tiles), so OR-Tools solves a whole layer in one call.
+arrays (no Python loop over tiles). The tiles are independent, so a layer is cut into blocks of
+tile rows of about :data:`TILES_PER_SOLVE` tiles, one flow problem each: OR-Tools solves many
+small problems several times faster than one big one (its cost scaling grows with the size of
+the graph), and the cost arrays of one block stay small.
 
 *At most n* (the default) must let the total flow float: an optimum keeping fewer than
 ``n * m`` entries can beat every exactly-``n`` pattern. Each tile gets a zero-cost slack node
@@ -25,12 +28,16 @@ from ortools.graph.python import min_cost_flow
 
 from ._shapes import as_matrix, check_ratio, check_tiles
 
-__all__ = ["COST_LEVELS", "magnitude_costs", "transposable_mask_mcf"]
+__all__ = ["COST_LEVELS", "TILES_PER_SOLVE", "magnitude_costs", "transposable_mask_mcf"]
 
 #: Integer cost given to the largest finite magnitude (and to +-Inf); 2**30 keeps a relative
 #: resolution of ~1e-9 while every path cost, times OR-Tools' cost-scaling factor
 #: (number of nodes + 1), stays far below 2**63.
 COST_LEVELS = 1 << 30
+
+#: Tiles per flow problem (measured on 4096x4096 4:8: 1 problem ~20 s, blocks of 256-1024
+#: tiles ~3-4x faster; the optimum is the same, the tiles being independent).
+TILES_PER_SOLVE = 1024
 
 
 def magnitude_costs(magnitude: np.ndarray, levels: int = COST_LEVELS) -> np.ndarray:
@@ -43,9 +50,15 @@ def magnitude_costs(magnitude: np.ndarray, levels: int = COST_LEVELS) -> np.ndar
     all-zero (or all-NaN) input gives all-zero costs.
     """
     mag = np.abs(np.asarray(magnitude, dtype=np.float64))
-    mag = np.where(np.isnan(mag), 0.0, mag)
     finite = np.isfinite(mag)
     top = mag[finite].max() if finite.any() else 0.0
+    return _scaled_costs(mag, top, levels)
+
+
+def _scaled_costs(mag: np.ndarray, top: float, levels: int) -> np.ndarray:
+    """:func:`magnitude_costs` of non-negative ``mag`` given its largest finite value ``top``."""
+    mag = np.where(np.isnan(mag), 0.0, mag)
+    finite = np.isfinite(mag)
     if top > 0.0:
         scaled = np.where(finite, mag / top, 1.0) * levels
     else:
@@ -53,12 +66,18 @@ def magnitude_costs(magnitude: np.ndarray, levels: int = COST_LEVELS) -> np.ndar
     return np.rint(scaled).astype(np.int64)
 
 
-def _tile_costs(w2d: torch.Tensor, m: int) -> np.ndarray:
-    """Costs as ``[tiles, m, m]`` (tile-major, tile rows, tile cols)."""
-    rows, cols = w2d.shape
-    mag = w2d.detach().to(device="cpu", dtype=torch.float64).abs().numpy()
+def _largest_finite(w2d: torch.Tensor) -> float:
+    """Largest finite ``|w|`` (0.0 if none), the scale of every block's costs."""
+    mag = torch.nan_to_num(w2d.detach().abs(), nan=0.0, posinf=0.0)  # max is exact in any dtype
+    return float(mag.max()) if mag.numel() else 0.0
+
+
+def _tile_costs(block: torch.Tensor, m: int, top: float) -> np.ndarray:
+    """Costs of a block of tile rows as ``[tiles, m, m]`` (tile-major, tile rows, tile cols)."""
+    rows, cols = block.shape
+    mag = block.detach().to(device="cpu", dtype=torch.float64).abs().numpy()
     tiles = mag.reshape(rows // m, m, cols // m, m).transpose(0, 2, 1, 3)
-    return magnitude_costs(tiles.reshape(-1, m, m))
+    return _scaled_costs(tiles.reshape(-1, m, m), top, COST_LEVELS)
 
 
 def _build_flow(costs: np.ndarray, n: int, exact_n: bool):
@@ -109,11 +128,22 @@ def transposable_mask_mcf(
     w2d = as_matrix(w)
     check_tiles(w2d, m)
     rows, cols = w2d.shape
-    solver, match_arcs = _build_flow(_tile_costs(w2d, m), n, exact_n)
+    top = _largest_finite(w2d)
+    block_rows = m * max(1, TILES_PER_SOLVE // (cols // m))
+    kept = np.empty((rows, cols), dtype=bool)
+    for start in range(0, rows, block_rows):
+        block = w2d[start:start + block_rows]
+        kept[start:start + block.shape[0]] = _solve_block(block, n, m, exact_n, top)
+    return torch.from_numpy(kept).to(w.device).reshape(w.shape)
+
+
+def _solve_block(block: torch.Tensor, n: int, m: int, exact_n: bool, top: float) -> np.ndarray:
+    """Optimal boolean mask of one block of tile rows, as a numpy array of its shape."""
+    rows, cols = block.shape
+    solver, match_arcs = _build_flow(_tile_costs(block, m, top), n, exact_n)
     status = solver.solve()
     if status != solver.OPTIMAL:
         name = getattr(status, "name", str(status))
         raise RuntimeError(f"min-cost flow for a {n}:{m} transposable mask failed: {name}")
     kept = np.asarray(solver.flows(match_arcs)) > 0
-    mask = kept.reshape(rows // m, cols // m, m, m).transpose(0, 2, 1, 3).reshape(rows, cols)
-    return torch.from_numpy(np.ascontiguousarray(mask)).to(w.device).reshape(w.shape)
+    return kept.reshape(rows // m, cols // m, m, m).transpose(0, 2, 1, 3).reshape(rows, cols)

@@ -228,3 +228,19 @@ def test_property_exact_methods_agree_with_brute_force_on_finite_weights(case, e
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     greedy = kept_per_tile(transposable_mask(w, n, m, "greedy"), mag, m)
     assert (greedy >= 0.5 * brute_best(tiles_of(mag, m), n, m, False) - 1e-6).all()
+
+
+@pytest.mark.parametrize("n,m,exact_n", [(2, 4, False), (4, 8, False), (4, 8, True)])
+def test_mcf_blocks_keep_the_single_problem_optimum(monkeypatch, n, m, exact_n):
+    # Tiles are independent: solving blocks of tile rows separately must keep, tile by tile,
+    # the same integer cost as one flow problem over the whole weight (ties may differ).
+    w = torch.randn(6 * m, 5 * m, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    costs = tiles_of(magnitude_costs(w.numpy()), m)
+    per_tile = {}
+    for tiles_per_solve in (1, 7, 10**9):
+        monkeypatch.setattr(mcf_module, "TILES_PER_SOLVE", tiles_per_solve)
+        mask = transposable_mask_mcf(w, n, m, exact_n)
+        assert_admissible(mask, w, n, m, exact_n)
+        per_tile[tiles_per_solve] = (costs * tiles_of(mask.numpy(), m)).sum(axis=(1, 2))
+    np.testing.assert_array_equal(per_tile[1], per_tile[10**9])
+    np.testing.assert_array_equal(per_tile[7], per_tile[10**9])
