@@ -35,9 +35,10 @@ __all__ = ["COST_LEVELS", "TILES_PER_SOLVE", "magnitude_costs", "transposable_ma
 #: (number of nodes + 1), stays far below 2**63.
 COST_LEVELS = 1 << 30
 
-#: Tiles per flow problem (measured on 4096x4096 4:8: 1 problem ~20 s, blocks of 256-1024
-#: tiles ~3-4x faster; the optimum is the same, the tiles being independent).
-TILES_PER_SOLVE = 1024
+#: Tiles per flow problem. 4096x4096 4:8 on the shared 2-core CPU at load ~4.5: blocks of 256
+#: tiles 14 s, of 1024 tiles 19 s, of 4096 tiles 16 s (one problem: 26 s at load ~4). The
+#: optimum is the same whatever the blocks: the tiles are independent.
+TILES_PER_SOLVE = 256
 
 
 def magnitude_costs(magnitude: np.ndarray, levels: int = COST_LEVELS) -> np.ndarray:
