@@ -14,6 +14,7 @@ the config.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 from torch._dynamo.exc import ShortenTraceback
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import NMConfig
 from .dump import GraphDump
@@ -29,8 +31,9 @@ from .masking import MaskRecord, register
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .state import MaskBank
 
-__all__ = ["NMOptionError", "nm_backend", "graph_parameters"]
+__all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
+log = logging.getLogger(__name__)
 _KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
 
 
@@ -54,14 +57,19 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     except ValueError as error:
         raise NMOptionError(str(error)) from None
     params = graph_parameters(gm, example_inputs, config)
-    refs = {p.position: weakref.ref(example_inputs[p.position]) for p in params}
+    real = real_parameters(gm, example_inputs, params)
+    refs = {pos: weakref.ref(value) for pos, value in real.items()}
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
     bank = mask_inputs = None
     if config.masks_outside_graph:
-        candidates = {p.position: example_inputs[p.position] for p in params
-                      if example_inputs[p.position].dim() == 2
-                      and example_inputs[p.position].is_floating_point()}
+        missing = sorted(p.name for p in params if p.position not in real)
+        if missing:
+            raise NotImplementedError(
+                f"nm: masks solved outside the graph need the real parameters, but the "
+                f"graph was compiled with fake ones for {missing}")
+        candidates = {pos: value for pos, value in real.items()
+                      if value.dim() == 2 and value.is_floating_point()}
         bank = MaskBank(config, candidates)
         mask_inputs = bank.input_positions(len(example_inputs))
         gm = _append_inputs(gm, len(bank.tensors))
@@ -71,7 +79,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if bank is not None:
             bank.attach(rewrite.specs)
         for position, spec in rewrite.specs.items():
-            param = refs[position]()
+            param = refs[position]() if position in refs else None
             if param is not None and bank is None:
                 register(param, MaskRecord(spec))
         if dump is not None:
@@ -83,7 +91,21 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs)
     compile_graph = _compile_inductor if config.inductor else _compile_fx_only
     compiled = compile_graph(gm, example_inputs, rewrite, dump)
-    return bank.wrap(compiled) if bank is not None else compiled
+    return _skip_fake_calls(bank, compiled) if bank is not None else compiled
+
+
+def _skip_fake_calls(bank: MaskBank, compiled: Callable) -> Callable:
+    """``bank.wrap(compiled)``, except on fake inputs: DDPOptimizer runs each compiled piece
+    once on fake tensors to learn its outputs, and that call must not count as a step or
+    refresh the masks (a refresh under fake mode would leave the real masks unset)."""
+    wrapped = bank.wrap(compiled)
+
+    def run(*args: Any) -> Any:
+        if any(isinstance(a, FakeTensor) for a in args):
+            return compiled(*args, *bank.tensors)
+        return wrapped(*args)
+
+    return run
 
 
 def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
@@ -121,14 +143,50 @@ def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
         source = _source_name(node)
         if isinstance(value, torch.nn.Parameter) or "._parameters[" in source:
             name = _param_name(source) or node.name
-            excluded = config.excludes(name, value) if config is not None else None
+            param = _real_value(node, value)
+            excluded = (config.excludes(name, value if param is None else param)
+                        if config is not None else None)
             found.append(GraphInput(position, name, tuple(value.shape), excluded))
     return found
 
 
+def real_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                    params: Sequence[GraphInput]) -> dict[int, torch.Tensor]:
+    """The real tensor behind each parameter input, by position.
+
+    Dynamo hands the backend the real parameters, but DDPOptimizer compiles each bucket's
+    piece of the graph with fake example inputs; the placeholder's Dynamo ``GraphArg`` still
+    holds the real parameter then. Positions with no real tensor are left out (and logged):
+    their masks stay out of ``nmcompile.masks``.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {}
+    for p in params:
+        value = _real_value(placeholders[p.position], example_inputs[p.position])
+        if value is None:
+            log.warning("nm: no real tensor for parameter %s (fake example input); its mask "
+                        "is left out of nmcompile.masks()", p.name)
+        else:
+            found[p.position] = value
+    return found
+
+
+def _real_value(node: fx.Node, value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+        return value
+    try:
+        example = getattr(node.meta.get("grapharg"), "example", None)
+    except AssertionError:  # Dynamo's weak reference to it expired
+        return None
+    if isinstance(example, torch.Tensor) and not isinstance(example, FakeTensor):
+        return example
+    return None
+
+
 def _source_name(node: fx.Node) -> str:
     grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
+    # DDPOptimizer's split pieces also carry the source as ``_dynamo_source``
+    source = getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
     name = getattr(source, "name", "") if source is not None else ""
     return name() if callable(name) else str(name)
 
@@ -170,7 +228,7 @@ def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteM
                      dump: GraphDump | None) -> Callable:
     """AOTAutograd without Inductor: the rewritten graphs run op by op (fast to compile)."""
     from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import default_partition
     from torch._inductor.decomposition import select_decomp_table
 
@@ -190,8 +248,8 @@ def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteM
 
         return compile_graph
 
-    return aot_module_simplified(
-        gm, example_inputs, fw_compiler=compiler("forward.py"),
-        bw_compiler=compiler("backward.py"), partition_fn=partition,
-        decompositions=select_decomp_table(),
-    )
+    # Dynamo's AOTAutograd wrapper, not aot_module_simplified itself: DDPOptimizer reads its
+    # counter to know that a bucket's piece went through AOTAutograd (and keep its metadata)
+    backend = aot_autograd(fw_compiler=compiler("forward.py"), bw_compiler=compiler("backward.py"),
+                           partition_fn=partition, decompositions=select_decomp_table())
+    return backend(gm, example_inputs)
