@@ -1,4 +1,4 @@
-"""Command line: ``nmcompile demo [flags]`` (also ``python -m nmcompile demo``).
+"""Command line: ``nmcompile {demo,dump,solve,bench} [flags]`` (also ``python -m nmcompile``).
 
 Exit codes: 0 success, 1 failure while running, 2 usage error (argparse's convention).
 """
@@ -52,7 +52,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()),
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _add_tools(sub)
     return parser
+
+
+def _add_tools(sub: argparse._SubParsersAction) -> None:
+    dump = sub.add_parser(
+        "dump", help="compile one training step of a model and print the per-matmul table",
+        description="Compile one training step (forward + backward) of MODEL with the nm "
+        "backend, write the dump (summary.txt/json, graphs) and print what became of every "
+        "matmul. MODEL: 'tinygpt', a transformers model type (gpt2, llama, bert, ...; random "
+        "weights, offline) or a JSON config file with a 'model_type' key.")
+    dump.add_argument("model", metavar="MODEL")
+    dump.add_argument("--out", default="nm_dump", help="dump folder (default: %(default)s)")
+    _add_ratio(dump)
+    dump.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=True,
+                      help="hand the graphs to Inductor (--no-inductor: op by op, fast)")
+    dump.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, repeatable (e.g. --set n_layer=1); JSON values")
+    dump.add_argument("--batch-size", type=_positive, default=2)
+    dump.add_argument("--seq-len", type=_positive, default=16, help="tokens per sample")
+    dump.add_argument("--seed", type=int, default=0)
+
+    solve = sub.add_parser(
+        "solve", help="offline transposable N:M masks for the weights of a saved state_dict",
+        description="Solve a transposable N:M mask for every eligible 2-D weight of a saved "
+        "state_dict (torch.save) and save {name: bool mask} to --out. Embeddings and LM heads "
+        "are left out unless --all; weights whose dims are not multiples of m are skipped "
+        "with a note.")
+    solve.add_argument("checkpoint", metavar="CHECKPOINT")
+    _add_ratio(solve)
+    solve.add_argument("--method", choices=("mcf", "patterns", "greedy", "auto"),
+                       default="auto", help="solver (default: %(default)s)")
+    solve.add_argument("--out", default="masks.pt", help="output file (default: %(default)s)")
+    solve.add_argument("--all", action="store_true",
+                       help="also solve embeddings and LM heads (the default layer filter)")
+    solve.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    bench = sub.add_parser(
+        "bench", help="run the mask-solver benchmark (and GPU rows when CUDA is present)",
+        description="Run benchmarks/solvers.py --quick (from a source checkout); its table "
+        "gains CUDA rows when a GPU is present.")
+    bench.add_argument("--full", action="store_true", help="all shapes, not --quick")
+
+
+def _add_ratio(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n", type=_positive, default=2, help="non-zeros per group")
+    parser.add_argument("--m", type=_positive, default=4, help="group size")
 
 
 def _sizes(args: argparse.Namespace) -> dict[str, int]:
@@ -103,6 +149,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command == "demo" and _sizes(args)["d_model"] % 4:
             parser.error(f"--d-model must be a multiple of 4 (4 heads), got {args.d_model}")
+        if args.command in ("dump", "solve") and not 0 < args.n < args.m:
+            parser.error(f"--n and --m need 0 < n < m, got n={args.n}, m={args.m}")
+        if args.command == "solve" and args.method == "patterns" and args.m > 4:
+            parser.error(f"--method patterns enumerates tiles for m <= 4, got m={args.m}")
     except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help
         return int(exc.code or 0)
-    return _run_demo(args)
+    if args.command == "demo":
+        return _run_demo(args)
+    return _run_tool(args)
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    from . import cli_tools
+
+    run = {"dump": cli_tools.run_dump, "solve": cli_tools.run_solve,
+           "bench": cli_tools.run_bench}[args.command]
+    try:
+        return run(args)
+    except cli_tools.CliError as error:
+        print(f"nmcompile {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - a CLI reports any failure and exits 1
+        traceback.print_exc()
+        print(f"nmcompile {args.command}: failed", file=sys.stderr)
+        return 1
