@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .solvers import bimask, nm_mask, transposable_mask, transposable_mask_patterns
+from .solvers import bimask, nm_mask, transposable_mask, transposable_mask_scored
 
 __all__ = [
     "BackwardSpec",
@@ -94,11 +94,12 @@ class MaskRecord:
 def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     """The boolean forward mask of ``weight`` (same shape) under ``spec``.
 
-    The ``patterns`` and ``rowwise`` paths are plain torch ops, traceable into a graph.
+    The ``patterns`` and ``rowwise`` paths are small graphs of plain torch ops: the backend
+    traces them into training graphs, and ``masks()`` reproduces the graph's choice exactly.
     """
     if spec.policy == "transposable":
         if spec.method == "patterns":
-            return transposable_mask_patterns(weight, spec.n, spec.m)
+            return transposable_mask_scored(weight, spec.n, spec.m)
         return transposable_mask(weight, spec.n, spec.m, method=spec.method)
     if spec.reduction_dim == 1:
         return nm_mask(weight, spec.n, spec.m)

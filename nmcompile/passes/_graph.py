@@ -57,7 +57,7 @@ class GraphEditor:
 
     def inline(self, fn: Callable[..., torch.Tensor], inputs: Sequence[fx.Node],
                tag: str, like: fx.Node | None = None) -> fx.Node:
-        """Trace ``fn`` to aten ops (Inductor's decompositions) and copy it into the graph.
+        """Trace ``fn`` to functional aten ops (Inductor's decompositions) and copy it in.
 
         Tensor constants the trace creates (e.g. a pattern table) become attributes of the
         graph's module under fresh names. ``like`` gives the new nodes its provenance (see
@@ -66,8 +66,10 @@ class GraphEditor:
         """
         from torch._inductor.decomposition import select_decomp_table
 
+        # Functionalized: the solver may use in-place ops for eager speed, the graph may not.
+        functional = torch.func.functionalize(fn, remove="mutations_and_views")
         with self.fake_mode:
-            traced = make_fx(fn, select_decomp_table(), tracing_mode="real")(
+            traced = make_fx(functional, select_decomp_table(), tracing_mode="real")(
                 *[n.meta["val"] for n in inputs]
             )
         placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]

@@ -1,7 +1,7 @@
 """Mask solvers: pure functions, tensor in, boolean mask (or permutation) out.
 
 No torch.fx in here: the backend traces the in-graph solvers (:func:`nm_mask`,
-:func:`transposable_mask_patterns`) into the training graph, and calls the others outside it.
+:func:`transposable_mask_scored`) into the training graph, and calls the others outside it.
 """
 
 from .bimask import BiMask, bimask
@@ -10,7 +10,7 @@ from .greedy import transposable_mask_greedy
 from .mcf import transposable_mask_mcf
 from .mvue import mvue
 from .nm import nm_mask
-from .patterns import tile_patterns, transposable_mask_patterns
+from .patterns import tile_patterns, transposable_mask_patterns, transposable_mask_scored
 from .transposable import transposable_mask
 
 __all__ = [
@@ -24,4 +24,5 @@ __all__ = [
     "transposable_mask_greedy",
     "transposable_mask_mcf",
     "transposable_mask_patterns",
+    "transposable_mask_scored",
 ]

@@ -34,7 +34,12 @@ import torch
 
 from ._shapes import as_matrix, check_ratio, check_tiles
 
-__all__ = ["MAX_PATTERN_M", "tile_patterns", "transposable_mask_patterns"]
+__all__ = [
+    "MAX_PATTERN_M",
+    "tile_patterns",
+    "transposable_mask_patterns",
+    "transposable_mask_scored",
+]
 
 #: Largest ``m`` whose tile patterns are enumerated (2**(m*m) candidates).
 MAX_PATTERN_M = 4
@@ -173,6 +178,25 @@ def _mask_24(w2d: torch.Tensor, score_dtype: torch.dtype, exact_n: bool) -> torc
     row_codes = torch.stack(halves, dim=1)  # [R/4, 4, C/4]: 4-bit code of each tile row
     shifts = torch.arange(4, dtype=torch.uint8, device=w2d.device)
     return (row_codes.unsqueeze(-1) >> shifts).bitwise_and_(1).view(torch.bool)
+
+
+def transposable_mask_scored(
+    w: torch.Tensor, n: int = 2, m: int = 4, exact_n: bool = False
+) -> torch.Tensor:
+    """Exact transposable mask by scoring every tile against every pattern in ONE matmul.
+
+    Same optimum as :func:`transposable_mask_patterns`, with a tiny graph: a
+    ``[tiles, m*m] @ [m*m, P]`` matmul and an argmax. This is the form the backend traces into
+    training graphs (Inductor compiles it in seconds; the row-pair formulation's ~400 ops take
+    minutes to compile for no faster step). Ties go to the pattern with the lowest bit code.
+    """
+    check_ratio(n, m)
+    if m > MAX_PATTERN_M:
+        tile_patterns(n, m, exact_n)  # raises, naming the supported m
+    w2d = as_matrix(w)
+    check_tiles(w2d, m)
+    score_dtype = torch.promote_types(w.dtype, torch.float32)
+    return _mask_by_matmul(w2d, n, m, score_dtype, exact_n).reshape(w.shape)
 
 
 def _mask_by_matmul(w2d: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,

@@ -77,3 +77,16 @@ def test_traced_graph_has_no_matmul_and_matches_eager():
     targets = {str(node.target) for node in traced.graph.nodes}
     assert not any("mm" in t.split(".")[1] for t in targets if t.startswith("aten."))
     assert torch.equal(traced(b), transposable_mask_patterns(b, 2, 4))
+
+
+@pytest.mark.parametrize("n, exact_n", [(2, False), (2, True), (1, False), (3, False)])
+def test_scored_matmul_form_keeps_the_same_optimum(n, exact_n):
+    from nmcompile.solvers import transposable_mask_scored
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    fast = transposable_mask_patterns(w, n, 4, exact_n)
+    scored = transposable_mask_scored(w, n, 4, exact_n)
+    tiles = scored.reshape(16, 4, 24, 4)
+    assert tiles.sum(1).max() <= n and tiles.sum(3).max() <= n
+    kept = [(w.abs() * m).reshape(16, 4, 24, 4).sum((1, 3)) for m in (fast, scored)]
+    torch.testing.assert_close(kept[0], kept[1])
