@@ -69,7 +69,8 @@ def run(shapes, repeats: int) -> list[list]:
                 rows.append(label + ["cpu", "skipped (minutes)", "", ""])
                 continue
             sec, kept = time_case(w, n, m, method, exact_n, repeats)
-            rows.append(label + ["cpu", f"{sec:.3f}", f"{w.numel() / sec / 1e6:.1f}", f"{kept:.4f}"])
+            speed = f"{w.numel() / sec / 1e6:.1f}"
+            rows.append(label + ["cpu", f"{sec:.3f}", speed, f"{kept:.4f}"])
         if torch.cuda.is_available():
             wc = w.cuda()
             for exact_n in (False, True):

@@ -9,7 +9,7 @@ __all__ = ["as_matrix", "check_ratio", "check_tiles"]
 
 def check_ratio(n: int, m: int) -> None:
     """Raise ``ValueError`` unless ``0 < n < m`` are integers."""
-    if isinstance(n, bool) or isinstance(m, bool) or not isinstance(n, int) or not isinstance(m, int):
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, m)):
         raise ValueError(f"n and m must be integers, got n={n!r}, m={m!r}")
     if not 0 < n < m:
         raise ValueError(f"N:M sparsity needs 0 < n < m, got n={n}, m={m}")

@@ -35,7 +35,7 @@ def mask_diversity(n: int, m: int, kind: Literal["row", "transposable"] = "row")
     raise ValueError(f"unknown kind {kind!r}; expected 'row' or 'transposable'")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _count_fillings(need: tuple[int, ...], rows_left: int, n: int) -> int:
     """Ways to fill ``rows_left`` rows with ``n`` ones each so every column gets what it needs.
 

@@ -45,7 +45,7 @@ __all__ = [
 MAX_PATTERN_M = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tile_patterns(n: int, m: int, exact_n: bool = False) -> np.ndarray:
     """All admissible ``m x m`` 0/1 tile patterns, shape ``[P, m*m]`` (row-major), dtype bool.
 
@@ -213,7 +213,7 @@ def _mask_by_matmul(w2d: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,
 def transposable_mask_patterns(
     w: torch.Tensor, n: int = 2, m: int = 4, exact_n: bool = False
 ) -> torch.Tensor:
-    """Max-magnitude transposable N:M mask of ``w`` (tile ``(i, j)`` = ``w[i*m:(i+1)*m, j*m:(j+1)*m]``).
+    """Max-magnitude transposable N:M mask of ``w``; tile (i, j) = ``w[i*m:(i+1)*m, j*m:(j+1)*m]``.
 
     Exact: the result keeps the largest total ``|w|`` over all admissible patterns of each
     tile (ties between equal totals may go either way). NaN entries count as zero magnitude.

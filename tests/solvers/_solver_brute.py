@@ -10,7 +10,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def all_tile_masks(n: int, m: int, exact_n: bool) -> np.ndarray:
     """Every m x m 0/1 matrix with <= n (or == n) per row and column, as [K, m*m] float64."""
     bits = np.array(list(itertools.product((0, 1), repeat=m * m)), dtype=np.int8)

@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from nmcompile.solvers import mcf as mcf_module
 from nmcompile.solvers import (
     transposable_mask,
     transposable_mask_greedy,
     transposable_mask_mcf,
     transposable_mask_patterns,
 )
-from nmcompile.solvers import mcf as mcf_module
 from nmcompile.solvers.mcf import COST_LEVELS, magnitude_costs
 
 EXACT = ("mcf", "patterns")
