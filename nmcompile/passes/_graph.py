@@ -55,14 +55,14 @@ class GraphEditor:
             node.meta["val"] = target(*tree_map(_val, tuple(args)))
         return node
 
-    def inline(self, fn: Callable[..., torch.Tensor], inputs: Sequence[fx.Node],
-               tag: str, like: fx.Node | None = None) -> fx.Node:
+    def inline(self, fn: Callable[..., Any], inputs: Sequence[fx.Node],
+               tag: str, like: fx.Node | None = None) -> Any:
         """Trace ``fn`` to functional aten ops (Inductor's decompositions) and copy it in.
 
         Tensor constants the trace creates (e.g. a pattern table) become attributes of the
         graph's module under fresh names. ``like`` gives the new nodes its provenance (see
         :meth:`call`); without it they are tagged as forward nodes. Returns the node holding
-        ``fn``'s result.
+        ``fn``'s result (a list of nodes if ``fn`` returns a list or tuple of tensors).
         """
         from torch._inductor.decomposition import select_decomp_table
 
@@ -79,7 +79,8 @@ class GraphEditor:
             if node.op == "placeholder":
                 continue
             if node.op == "output":
-                result = env[node.args[0]]
+                out = node.args[0]
+                result = [env[x] for x in out] if isinstance(out, (list, tuple)) else env[out]
                 break
             if node.op == "get_attr":
                 new = self._constant(getattr(traced, node.target), node, tag)

@@ -39,6 +39,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
 from ..masking import MaskSpec, compute_mask
 from ..solvers.mvue import mvue
+from ..solvers.patterns import transposable_masks_scored
 from ._graph import GraphEditor, primals
 from .add_masked_decay import add_masked_decay
 from .eligibility import (
@@ -165,7 +166,9 @@ class _Rewriter:
 
     def run(self) -> None:
         backward = _backward_nodes(self.graph)
-        for node in list(self.graph.nodes):
+        nodes = list(self.graph.nodes)  # the user's graph: not the matmuls of inserted solvers
+        self._batch_in_graph_masks(backward)
+        for node in nodes:
             mm = as_matmul(node)
             if mm is not None:
                 visit = self._visit_backward if node in backward else self._visit_forward
@@ -173,6 +176,37 @@ class _Rewriter:
         if self.config.decay and backward:
             masks = {param: node for param, (_, node) in self.masks.items()}
             add_masked_decay(self.edit, masks, self.config.decay)
+
+    def _batch_in_graph_masks(self, backward: set[fx.Node]) -> None:
+        """Compute every in-graph transposable mask of the graph with one batched solver.
+
+        One set of mask kernels per graph instead of one per layer: far fewer kernels for
+        Inductor to compile and launch. The per-matmul decisions below then find the masks.
+        """
+        cfg = self.config
+        if cfg.forward != "transposable" or cfg.transposable_method != "patterns":
+            return
+        params: dict[fx.Node, MaskSpec] = {}
+        for node in self.graph.nodes:
+            mm = as_matmul(node)
+            if mm is None or node in backward:
+                continue
+            found = self._params_of(mm)
+            if len(found) != 1 or found[0].param in self.external:
+                continue
+            p = found[0]
+            if p.param not in params and self._forward_reason(mm, p) is None:
+                params[p.param] = MaskSpec(cfg.n, cfg.m, "transposable", p.reduction_dim,
+                                           "patterns")
+        if not params:
+            return
+        first_op = next(n for n in self.graph.nodes if n.op != "placeholder")
+        n, m = cfg.n, cfg.m
+        with self.graph.inserting_before(first_op):
+            nodes = self.edit.inline(lambda *ws: transposable_masks_scored(ws, n, m),
+                                     list(params), "mask")
+        for (param, spec), node in zip(params.items(), nodes, strict=True):
+            self.masks[param] = (spec, node)
 
     # -- decisions ---------------------------------------------------------------------------
     def _visit_forward(self, mm: Matmul) -> MatmulRecord:

@@ -10,7 +10,12 @@ from .greedy import transposable_mask_greedy
 from .mcf import transposable_mask_mcf
 from .mvue import mvue
 from .nm import nm_mask
-from .patterns import tile_patterns, transposable_mask_patterns, transposable_mask_scored
+from .patterns import (
+    tile_patterns,
+    transposable_mask_patterns,
+    transposable_mask_scored,
+    transposable_masks_scored,
+)
 from .transposable import transposable_mask
 
 __all__ = [
@@ -25,4 +30,5 @@ __all__ = [
     "transposable_mask_mcf",
     "transposable_mask_patterns",
     "transposable_mask_scored",
+    "transposable_masks_scored",
 ]

@@ -27,6 +27,7 @@ graph so Inductor generates its kernel, on CPU and CUDA alike.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 import itertools
 
 import numpy as np
@@ -39,6 +40,7 @@ __all__ = [
     "tile_patterns",
     "transposable_mask_patterns",
     "transposable_mask_scored",
+    "transposable_masks_scored",
 ]
 
 #: Largest ``m`` whose tile patterns are enumerated (2**(m*m) candidates).
@@ -199,15 +201,47 @@ def transposable_mask_scored(
     return _mask_by_matmul(w2d, n, m, score_dtype, exact_n).reshape(w.shape)
 
 
-def _mask_by_matmul(w2d: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,
-                    exact_n: bool) -> torch.Tensor:
+def transposable_masks_scored(
+    weights: Sequence[torch.Tensor], n: int = 2, m: int = 4, exact_n: bool = False
+) -> list[torch.Tensor]:
+    """:func:`transposable_mask_scored` of several weights at once, with ONE matmul.
+
+    The tiles of all weights are scored together, so a training graph holds one set of mask
+    kernels whatever the number of layers (each tile's choice is the same as alone).
+    """
+    check_ratio(n, m)
+    if m > MAX_PATTERN_M:
+        tile_patterns(n, m, exact_n)  # raises, naming the supported m
+    mats = [as_matrix(w) for w in weights]
+    for w2d in mats:
+        check_tiles(w2d, m)
+    score_dtype = functools.reduce(torch.promote_types, [w.dtype for w in mats], torch.float32)
+    table = torch.as_tensor(tile_patterns(n, m, exact_n), device=mats[0].device)
+    tiles = torch.cat([_tiles(w2d, m, score_dtype) for w2d in mats])
+    chosen = table[(tiles @ table.to(score_dtype).t()).argmax(dim=1)]
+    counts = [w2d.numel() // (m * m) for w2d in mats]
+    return [_untile(part, w2d.shape, m).reshape(w.shape)
+            for part, w2d, w in zip(chosen.split(counts), mats, weights, strict=True)]
+
+
+def _tiles(w2d: torch.Tensor, m: int, score_dtype: torch.dtype) -> torch.Tensor:
+    """``|w|`` as one row of ``m*m`` per tile (NaN counts as zero)."""
     rows, cols = w2d.shape
-    table = torch.as_tensor(tile_patterns(n, m, exact_n), device=w2d.device)  # [P, m*m] bool
     magnitude = torch.nan_to_num(w2d.detach().abs().to(score_dtype), nan=0.0)
     tiles = magnitude.reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3)
-    tiles = tiles.reshape(-1, m * m)
-    best = (tiles @ table.to(score_dtype).t()).argmax(dim=1)
-    return table[best].reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3)
+    return tiles.reshape(-1, m * m)
+
+
+def _untile(chosen: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
+    rows, cols = shape
+    return chosen.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3).reshape(rows, cols)
+
+
+def _mask_by_matmul(w2d: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,
+                    exact_n: bool) -> torch.Tensor:
+    table = torch.as_tensor(tile_patterns(n, m, exact_n), device=w2d.device)  # [P, m*m] bool
+    best = (_tiles(w2d, m, score_dtype) @ table.to(score_dtype).t()).argmax(dim=1)
+    return _untile(table[best], w2d.shape, m)
 
 
 def transposable_mask_patterns(
