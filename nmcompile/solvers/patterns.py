@@ -27,8 +27,8 @@ graph so Inductor generates its kernel, on CPU and CUDA alike.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
