@@ -218,10 +218,10 @@ def transposable_masks_scored(
     score_dtype = functools.reduce(torch.promote_types, [w.dtype for w in mats], torch.float32)
     table = torch.as_tensor(tile_patterns(n, m, exact_n), device=mats[0].device)
     tiles = torch.cat([_tiles(w2d, m, score_dtype) for w2d in mats])
-    chosen = table[(tiles @ table.to(score_dtype).t()).argmax(dim=1)]
+    codes = _codes(table)[_best_patterns(tiles, table, score_dtype)]
     counts = [w2d.numel() // (m * m) for w2d in mats]
     return [_untile(part, w2d.shape, m).reshape(w.shape)
-            for part, w2d, w in zip(chosen.split(counts), mats, weights, strict=True)]
+            for part, w2d, w in zip(codes.split(counts), mats, weights, strict=True)]
 
 
 def _tiles(w2d: torch.Tensor, m: int, score_dtype: torch.dtype) -> torch.Tensor:
@@ -232,16 +232,40 @@ def _tiles(w2d: torch.Tensor, m: int, score_dtype: torch.dtype) -> torch.Tensor:
     return tiles.reshape(-1, m * m)
 
 
-def _untile(chosen: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
+def _best_patterns(tiles: torch.Tensor, table: torch.Tensor,
+                   score_dtype: torch.dtype) -> torch.Tensor:
+    """Index of the best pattern for each tile (ties: the lowest index).
+
+    Scored as ``[P, m*m] @ [m*m, tiles]`` and reduced over the pattern dim: the reduction then
+    runs across contiguous tiles, which Inductor vectorises (about 3x faster than the argmax
+    of ``[tiles, P]`` along its rows on CPU).
+    """
+    return (table.to(score_dtype) @ tiles.t()).argmax(dim=0)
+
+
+def _codes(table: torch.Tensor) -> torch.Tensor:
+    """Each pattern as an int32 bit code, bit ``r*m + c`` for tile cell ``(r, c)``."""
+    bits = torch.arange(table.shape[1], dtype=torch.int32, device=table.device)
+    return (table.to(torch.int32) << bits).sum(dim=1, dtype=torch.int32)
+
+
+def _untile(codes: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
+    """The mask of a ``shape`` weight from the bit code chosen for each of its tiles.
+
+    One elementwise expansion in the weight's own layout: no gather of pattern rows and no
+    transposed copy (both showed up as the slowest kernels of the mask).
+    """
     rows, cols = shape
-    return chosen.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3).reshape(rows, cols)
+    cell = torch.arange(m * m, dtype=torch.int32, device=codes.device).reshape(1, m, 1, m)
+    tiles = codes.reshape(rows // m, 1, cols // m, 1)
+    return ((tiles >> cell) & 1).to(torch.bool).reshape(rows, cols)
 
 
 def _mask_by_matmul(w2d: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,
                     exact_n: bool) -> torch.Tensor:
     table = torch.as_tensor(tile_patterns(n, m, exact_n), device=w2d.device)  # [P, m*m] bool
-    best = (_tiles(w2d, m, score_dtype) @ table.to(score_dtype).t()).argmax(dim=1)
-    return _untile(table[best], w2d.shape, m)
+    best = _best_patterns(_tiles(w2d, m, score_dtype), table, score_dtype)
+    return _untile(_codes(table)[best], w2d.shape, m)
 
 
 def transposable_mask_patterns(
