@@ -192,13 +192,7 @@ def transposable_mask_scored(
     training graphs (Inductor compiles it in seconds; the row-pair formulation's ~400 ops take
     minutes to compile for no faster step). Ties go to the pattern with the lowest bit code.
     """
-    check_ratio(n, m)
-    if m > MAX_PATTERN_M:
-        tile_patterns(n, m, exact_n)  # raises, naming the supported m
-    w2d = as_matrix(w)
-    check_tiles(w2d, m)
-    score_dtype = torch.promote_types(w.dtype, torch.float32)
-    return _mask_by_matmul(w2d, n, m, score_dtype, exact_n).reshape(w.shape)
+    return transposable_masks_scored([w], n, m, exact_n)[0]
 
 
 def transposable_masks_scored(
@@ -209,12 +203,7 @@ def transposable_masks_scored(
     The tiles of all weights are scored together, so a training graph holds one set of mask
     kernels whatever the number of layers (each tile's choice is the same as alone).
     """
-    check_ratio(n, m)
-    if m > MAX_PATTERN_M:
-        tile_patterns(n, m, exact_n)  # raises, naming the supported m
-    mats = [as_matrix(w) for w in weights]
-    for w2d in mats:
-        check_tiles(w2d, m)
+    mats = [_checked(w, n, m, exact_n) for w in weights]
     score_dtype = functools.reduce(torch.promote_types, [w.dtype for w in mats], torch.float32)
     table = torch.as_tensor(tile_patterns(n, m, exact_n), device=mats[0].device)
     tiles = torch.cat([_tiles(w2d, m, score_dtype) for w2d in mats])
@@ -222,6 +211,16 @@ def transposable_masks_scored(
     counts = [w2d.numel() // (m * m) for w2d in mats]
     return [_untile(part, w2d.shape, m).reshape(w.shape)
             for part, w2d, w in zip(codes.split(counts), mats, weights, strict=True)]
+
+
+def _checked(w: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Tensor:
+    """``w`` as its GEMM matrix, after checking the ratio, ``m <= 4`` and the tiling."""
+    check_ratio(n, m)
+    if m > MAX_PATTERN_M:
+        tile_patterns(n, m, exact_n)  # raises, naming the supported m
+    w2d = as_matrix(w)
+    check_tiles(w2d, m)
+    return w2d
 
 
 def _tiles(w2d: torch.Tensor, m: int, score_dtype: torch.dtype) -> torch.Tensor:
@@ -261,13 +260,6 @@ def _untile(codes: torch.Tensor, shape: torch.Size, m: int) -> torch.Tensor:
     return ((tiles >> cell) & 1).to(torch.bool).reshape(rows, cols)
 
 
-def _mask_by_matmul(w2d: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,
-                    exact_n: bool) -> torch.Tensor:
-    table = torch.as_tensor(tile_patterns(n, m, exact_n), device=w2d.device)  # [P, m*m] bool
-    best = _best_patterns(_tiles(w2d, m, score_dtype), table, score_dtype)
-    return _untile(_codes(table)[best], w2d.shape, m)
-
-
 def transposable_mask_patterns(
     w: torch.Tensor, n: int = 2, m: int = 4, exact_n: bool = False
 ) -> torch.Tensor:
@@ -278,14 +270,8 @@ def transposable_mask_patterns(
     Weights with more than two dims are flattened as in
     :func:`nmcompile.solvers._shapes.as_matrix`; the mask has ``w``'s shape.
     """
-    check_ratio(n, m)
-    if m > MAX_PATTERN_M:
-        tile_patterns(n, m, exact_n)  # raises, naming the supported m
-    w2d = as_matrix(w)
-    check_tiles(w2d, m)
-    score_dtype = torch.promote_types(w.dtype, torch.float32)
-    if (n, m) == (2, 4):
-        mask = _mask_24(w2d, score_dtype, exact_n)
-    else:
-        mask = _mask_by_matmul(w2d, n, m, score_dtype, exact_n)
+    w2d = _checked(w, n, m, exact_n)
+    if (n, m) != (2, 4):
+        return transposable_mask_scored(w, n, m, exact_n)
+    mask = _mask_24(w2d, torch.promote_types(w.dtype, torch.float32), exact_n)
     return mask.reshape(w.shape)
