@@ -48,8 +48,10 @@ GRAD_INPUT_POLICIES = ("auto", "transposable", "dense", "bimask")
 BIMASK_METHODS = ("random", "optimized")
 #: ``grad_weight``: ``dense`` = dY.T @ X on a dense GEMM, straight through to the dense weight;
 #: ``mvue`` = dY pruned to ``mvue_n:mvue_m`` along the token (reduction) dim by a minimum-variance
-#: unbiased stochastic mask, then a sparse GEMM (still straight through to the dense weight).
-GRAD_WEIGHT_POLICIES = ("dense", "mvue")
+#: unbiased stochastic mask, then a sparse GEMM (still straight through to the dense weight);
+#: ``fst`` = the activation X pruned n:m along tokens by a FIXED mask plus a gradient shift that
+#: restores the dropped tokens' contribution (Fully Sparse Training; needs n to divide m).
+GRAD_WEIGHT_POLICIES = ("dense", "mvue", "fst")
 #: ``mvue_method``: ``exact`` MVUE, or the cheaper two-draw ``approx`` (also unbiased; 2:4).
 MVUE_METHODS = ("exact", "approx")
 MVUE_RATIOS = ((1, 2), (2, 4))
@@ -143,6 +145,11 @@ class NMConfig:
             raise ValueError(
                 f"NMConfig.mvue_n:mvue_m={self.mvue_n}:{self.mvue_m} is not supported; "
                 "MVUE gradient pruning supports 1:2 and 2:4"
+            )
+        if self.grad_weight == "fst" and self.m % self.n:
+            raise ValueError(
+                f"NMConfig.grad_weight='fst' keeps every (m // n)-th token and needs n to divide "
+                f"m, got {self.n}:{self.m}"
             )
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not (
             0 <= self.decay < float("inf")

@@ -38,6 +38,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
 from ..masking import MaskSpec, compute_mask
+from ..solvers.fst import fst_prune, gradient_shift
 from ..solvers.mvue import mvue
 from ..solvers.patterns import transposable_masks_scored
 from ._graph import GraphEditor, primals
@@ -271,14 +272,16 @@ class _Rewriter:
                                 "grad_weight='dense': straight-through dense GEMM")
         side = _gradient_side(mm, fwd.activation)
         tokens = mm.a.meta["val"].shape[1]
+        group = self.config.mvue_m if self.config.grad_weight == "mvue" else self.config.m
         reason = None
         if side is None:
             reason = "cannot tell the output gradient from the activation"
-        elif tokens % self.config.mvue_m:
-            reason = f"{tokens} tokens: not a multiple of mvue_m={self.config.mvue_m}"
+        elif tokens % group:
+            reason = f"{tokens} tokens: not a multiple of {group} ({self.config.grad_weight})"
         if reason is not None:
             return self._record(mm, "grad_weight", fwd.param, reason)
-        return self._record(mm, "grad_weight", fwd.param, None, self._replace_mvue(mm, side))
+        replace = self._replace_mvue if self.config.grad_weight == "mvue" else self._replace_fst
+        return self._record(mm, "grad_weight", fwd.param, None, replace(mm, side))
 
     def _forward_reason(self, mm: Matmul, p: ParamOperand) -> str | None:
         if p.param in self.excluded:
@@ -366,6 +369,25 @@ class _Rewriter:
                                              like=like), like)
         self._swap(mm.node, out)
         return f"nm.sparse_mm (dY mvue {n}:{m} {method})"
+
+    def _replace_fst(self, mm: Matmul, side: int) -> str:
+        """dY^T X -> (X_fst^T @ shift(dY))^T: X pruned by the fixed mask is the sparse operand."""
+        n, m, like = self.config.n, self.config.m, mm.node
+
+        def operands(grad: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+            return [fst_prune(x, n, m).t(), gradient_shift(grad, n, m)]
+
+        with self.graph.inserting_before(like):
+            if side == 0:  # a = dY^T [out, T], b = X [T, in]
+                grad, x = self._t(mm.a, like), mm.b
+            else:  # a = X^T [in, T], b = dY [T, out]
+                grad, x = mm.b, self._t(mm.a, like)
+            x_t, shifted = self.edit.inline(operands, [grad, x], "fst", like=like)
+            out = self.edit.call(_SPARSE_MM, [x_t, shifted], like=like)  # [in, out] = dW^T
+            if side == 0:
+                out = self._t(out, like)
+        self._swap(mm.node, out)
+        return f"nm.sparse_mm (X fst {n}:{m} + gradient shift)"
 
     def _mask_operand(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
         operand = mm.a if p.side == 0 else mm.b

@@ -6,6 +6,7 @@ No torch.fx in here: the backend traces the in-graph solvers (:func:`nm_mask`,
 
 from .bimask import BiMask, bimask
 from .diversity import mask_diversity
+from .fst import fst_keep, fst_prune, gradient_shift
 from .greedy import transposable_mask_greedy
 from .mcf import transposable_mask_mcf
 from .mvue import mvue
@@ -21,6 +22,9 @@ from .transposable import transposable_mask
 __all__ = [
     "BiMask",
     "bimask",
+    "fst_keep",
+    "fst_prune",
+    "gradient_shift",
     "mask_diversity",
     "mvue",
     "nm_mask",

@@ -369,3 +369,47 @@ def test_layer_filter(tmp_path, options, sparse):
         if name not in sparse:
             assert any(w in row["reason"] for w in ("excluded", "include", "param_filter"))
     _check_numerics(model, x, y, cot, masks)
+
+
+def _fst_reference_dw(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """FST's grad-weight written out: tokens 0 and 2 of every 4 kept, each absorbing the
+    output gradient of the token after it."""
+    kept = torch.arange(x.shape[0]) % 2 == 0
+    shifted = grad[kept] + grad[~kept]
+    return shifted.t() @ x[kept]
+
+
+@pytest.mark.parametrize("duplicated", [False, True])
+def test_fst_grad_weight(tmp_path, duplicated):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8, bias=False)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    if duplicated:  # perfect spatial similarity: every dropped token equals its kept neighbour
+        x = x[::2].repeat_interleave(2, dim=0)
+    layer = layer.double()
+    compiled = torch.compile(layer, backend="nm", fullgraph=True, options={
+        "inductor": False, "dump_dir": str(tmp_path), "min_numel": 0, "grad_weight": "fst"})
+    y = compiled(x)
+    cot = torch.randn_like(y)
+    (y * cot).sum().backward()
+    mask = nmcompile.masks(layer)["weight"]
+    torch.testing.assert_close(layer.weight.grad, _fst_reference_dw(cot, x))
+    if duplicated:  # the gradient shift restores the dense (straight-through) gradient exactly
+        torch.testing.assert_close(layer.weight.grad, cot.t() @ x)
+    else:
+        assert not torch.allclose(layer.weight.grad, cot.t() @ x)
+    torch.testing.assert_close(y, x @ torch.where(mask, layer.weight, 0).t())
+    rows = _rows(read_summary(tmp_path), "grad_weight")
+    assert [(r["became"], r["sparse"]) for r in rows] == [
+        ("nm.sparse_mm (X fst 2:4 + gradient shift)", True)]
+
+
+def test_fst_needs_tokens_in_groups_of_m(tmp_path):
+    layer = nn.Linear(16, 8, bias=False)
+    compiled = torch.compile(layer, backend="nm", options={
+        "inductor": False, "dump_dir": str(tmp_path), "min_numel": 0, "grad_weight": "fst"})
+    x = torch.randn(6, 16)
+    compiled(x).sum().backward()
+    row = _rows(read_summary(tmp_path), "grad_weight")[0]
+    assert not row["sparse"] and row["reason"] == "6 tokens: not a multiple of 4 (fst)"
+    torch.testing.assert_close(layer.weight.grad, torch.ones(6, 8).t() @ x)
