@@ -123,6 +123,8 @@ class RewriteMatmuls(CustomGraphPass):
         excluded = {node: self.params[pos].excluded for pos, node in nodes.items()
                     if self.params[pos].excluded}
         rewriter = _Rewriter(graph, self.config, self.graph_id, names, external, excluded)
+        if self.params and not nodes:
+            rewriter.unmatched = "the graph's inputs did not match the parameters Dynamo passed"
         rewriter.run()
         graph.lint()
         self.records = rewriter.records
@@ -164,6 +166,7 @@ class _Rewriter:
         self.records: list[MatmulRecord] = []
         self.masks: dict[fx.Node, tuple[MaskSpec, fx.Node]] = {}
         self.forward: dict[int, _Forward] = {}
+        self.unmatched: str | None = None  # why no graph input is known to be a parameter
 
     def run(self) -> None:
         backward = _backward_nodes(self.graph)
@@ -258,7 +261,7 @@ class _Rewriter:
         reached = [reaches_param(x, self.names) for x in (mm.a, mm.b)]
         names = [self.names[r] for r in reached if r is not None]
         if not names:
-            return "both operands are activations"
+            return self.unmatched or "both operands are activations"
         kind = "batched matmul (bmm)" if mm.batched else "matmul"
         return (f"{kind} reads parameter {names[0]} through a reshape/expand/slice; only a "
                 "2-D weight, transposed or cast, is rewritten")
