@@ -7,7 +7,9 @@ practice far more (about 0.695 of ``|W|`` against 0.705 for the exact 2:4 solver
 weights). The result is maximal but need not have exactly ``n`` per row and column.
 
 Vectorised over tiles: one sort, then ``m * m`` steps of tensor ops on all tiles at once (a
-fixed loop, no data-dependent control flow), so it runs on CPU or GPU and can be traced.
+fixed loop, no data-dependent control flow), so it runs on CPU or GPU and can be traced. The
+per-tile row and column counts live in packed integer words (a few bits per line), so each
+step is a handful of elementwise ops on ``[tiles]`` vectors.
 """
 
 from __future__ import annotations
@@ -31,25 +33,51 @@ def transposable_mask_greedy(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     w2d = as_matrix(w)
     check_tiles(w2d, m)
     rows, cols = w2d.shape
-    mag = torch.nan_to_num(w2d.detach().abs().float(), nan=0.0)
-    tiles = mag.reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3).reshape(-1, m * m)
-    n_tiles, cells = tiles.shape
+    dev = w.device
+    cells, n_tiles = m * m, (rows // m) * (cols // m)
+    tiles = w2d.detach().reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3)
+    tiles = tiles.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
+    tiles = tiles.view(n_tiles, cells).abs_().nan_to_num_(nan=0.0)
     ranked = tiles.sort(dim=1, descending=True, stable=True).indices
-    # Step-major copy in the smallest dtype that holds a cell index (m*m <= 256 for m <= 16).
+    del tiles
+    # Step-major copy of the ranks in the smallest dtype that holds a cell index.
     small = torch.uint8 if cells <= 256 else torch.int32
-    order = torch.empty(cells, n_tiles, dtype=small, device=w.device).copy_(ranked.t())
-    tile_ids = torch.arange(n_tiles, device=w.device)
-    # Flat counters: tile t's rows at [2m*t, 2m*t + m), its columns right after; per step
-    # one gather, one comparison and one scatter-add over [2, T] (row and column together).
-    line_base = torch.stack([tile_ids * (2 * m), tile_ids * (2 * m) + m])  # [2, T]
-    cell_base = tile_ids * cells
-    used = torch.zeros(n_tiles * 2 * m, dtype=torch.int32, device=w.device)
-    keep = torch.zeros(n_tiles * cells, dtype=torch.bool, device=w.device)
+    order = ranked.to(small).t().contiguous()  # [cells, T]
+    # Row and column counters packed into integer words, ``bits`` per line (a count <= n):
+    # per step a shift, a mask and a compare read them, an add of ``room << shift`` bumps
+    # them (no gather/scatter over [T] index tensors unless m lines need several words).
+    bits = n.bit_length()
+    per_word = 63 // bits
+    words = -(-m // per_word)
+    word = torch.int32 if m * bits <= 31 else torch.int64
+    used_r = torch.zeros(words, n_tiles, dtype=word, device=dev)
+    used_c = torch.zeros(words, n_tiles, dtype=word, device=dev)
+    field = (1 << bits) - 1
+    kept = torch.empty(cells, n_tiles, dtype=torch.bool, device=dev)
+
+    def count(used, line):
+        if words == 1:
+            shift = line.to(word).mul_(bits)
+            return used[0].bitwise_right_shift(shift).bitwise_and_(field), shift, None
+        idx = (line // per_word).long().unsqueeze(0)
+        shift = (line % per_word).to(word).mul_(bits)
+        return used.gather(0, idx)[0].bitwise_right_shift(shift).bitwise_and_(field), shift, idx
+
+    def add(used, shift, idx, inc):
+        if words == 1:
+            used[0].add_(inc.bitwise_left_shift(shift))
+        else:
+            used.scatter_add_(0, idx, inc.bitwise_left_shift(shift).unsqueeze(0))
+
     for step in range(cells):
-        cell = order[step].long()
-        lines = torch.stack([cell // m, cell % m]) + line_base  # [2, T]
-        room = (used.take(lines) < n).all(dim=0)
-        keep.scatter_(0, cell + cell_base, room)
-        used.scatter_add_(0, lines.reshape(-1), room.int().repeat(2))
+        cell = order[step]
+        cr, sr, ir = count(used_r, cell // m)
+        cc, sc, ic = count(used_c, cell % m)
+        room = torch.lt(cr, n, out=kept[step]).logical_and_(cc < n)
+        inc = room.to(word)
+        add(used_r, sr, ir, inc)
+        add(used_c, sc, ic, inc)
+    # Back from visiting order to cell order: one scatter with the sort's indices.
+    keep = torch.zeros(n_tiles, cells, dtype=torch.bool, device=dev).scatter_(1, ranked, kept.t())
     mask = keep.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3)
     return mask.reshape(w.shape)
