@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml requirements.txt
 venv: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
