@@ -6,7 +6,9 @@ Each GEMM of a linear layer has its own policy, as in torchao's float8 training 
 * ``grad_input`` - what the grad-input GEMM ``dX = dY @ (W*mask)`` runs on;
 * ``grad_weight`` - what the grad-weight GEMM ``dW = dY.T @ X`` runs on.
 
-This module is the only place that reads environment variables (``NMCOMPILE_DUMP_DIR``).
+Of the backend's options, only ``dump_dir`` has an environment variable
+(``NMCOMPILE_DUMP_DIR``), read here; the solvers' C kernel reads its build settings itself
+(:mod:`nmcompile.solvers.native`).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 No torch.fx in here: the backend traces the in-graph solvers (:func:`nm_mask`,
 :func:`transposable_mask_scored`) into the training graph, and calls the others outside it.
+The exact pattern search runs on CPU as a C kernel built on first use (:mod:`.native`).
 """
 
 from .bimask import BiMask, bimask

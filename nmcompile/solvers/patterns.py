@@ -12,16 +12,16 @@ optimal, and it can keep more magnitude than any exactly-n pattern. For 2:4 that
 patterns (90 with eight entries, 96 with seven); ``exact_n=True`` lists the 90 patterns with
 exactly two per row and column.
 
-2:4 (the ratio that matters) does not score the 186 patterns one by one: each tile is split
-into its top and bottom row pairs, each half's best partial pattern is computed for every
-column-count profile the other half can complete, and the 19 matching profile pairs are
-compared (:func:`_best_24`, streamed over the three couples of complementary column pairs):
-about 400 elementwise ops on ``[rows/4, cols/4]`` planes, no ``[tiles, 16] @ [16, 186]``
-matmul and no ``[tiles, 186]`` score tensor. Other ratios score every pattern with one
-matmul.
+On CPU, :func:`transposable_mask_patterns` runs a C kernel (:mod:`.native`, built on first
+use) that splits every tile into a top and a bottom band of rows and searches the bands'
+options grouped by the column counts they use (:func:`band_plan`): for 2:4, 60 + 60 band
+options and 43 admissible (top, bottom) profile pairs instead of 186 patterns of 8 cells, in
+one pass over the weight. Elsewhere (CUDA, float64, or no C compiler) it runs plain torch
+ops: the same band idea written as about 400 elementwise ops for 2:4 (:func:`_best_24`), and
+one scoring matmul for the other ratios. All paths return an optimal mask.
 
-Plain torch ops, no data-dependent control flow: the backend traces this into the training
-graph so Inductor generates its kernel, on CPU and CUDA alike.
+:func:`transposable_mask_scored` is the one-matmul form that the backend traces into training
+graphs (no data-dependent control flow), so Inductor generates its kernel on CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -29,14 +29,18 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import native
 from ._shapes import as_matrix, check_ratio, check_tiles
 
 __all__ = [
     "MAX_PATTERN_M",
+    "BandPlan",
+    "band_plan",
     "tile_patterns",
     "transposable_mask_patterns",
     "transposable_mask_scored",
@@ -74,6 +78,77 @@ def tile_patterns(n: int, m: int, exact_n: bool = False) -> np.ndarray:
     flat = cand[ok].reshape(-1, m * m)
     codes = flat @ (1 << np.arange(m * m - 1, -1, -1))
     return flat[np.argsort(codes, kind="stable")].astype(bool)
+
+
+@dataclass(frozen=True, eq=False)
+class BandPlan:
+    """The admissible ``m x m`` patterns of a ratio, split into a top and a bottom band of rows.
+
+    The top band is rows ``[0, m // 2)``, the bottom band the rest. An *option* is the set of
+    cells that some admissible pattern keeps in one band; options are grouped by their
+    *profile* (kept cells per column), and a *pair* is a (top profile, bottom profile) couple
+    that some admissible pattern has. Every top option of profile ``a`` combines with every
+    bottom option of profile ``b`` into an admissible pattern whenever ``(a, b)`` is a pair
+    (rows hold by construction, column counts are ``a + b``), and every admissible pattern is
+    such a combination, so the best pattern of a tile is the best pair of per-profile best
+    options. This is the input of the C kernel (int32 arrays):
+
+    * ``groups``: number of top-band and bottom-band profile groups;
+    * ``group_end[g]``: end of group ``g``'s options (top groups first, then bottom groups);
+    * ``option_subsets[o]``: the two row subsets option ``o`` keeps, as planes
+      ``row * 16 + column bits`` (a one-row band adds its row's empty subset);
+    * ``option_codes[o]``: the cells option ``o`` keeps, bit ``row * m + col``;
+    * ``pair_top[p]``, ``pair_bottom[p]``: the groups of pair ``p`` (bottom groups from 0).
+    """
+
+    m: int
+    groups: tuple[int, int]
+    group_end: np.ndarray
+    option_subsets: np.ndarray
+    option_codes: np.ndarray
+    pair_top: np.ndarray
+    pair_bottom: np.ndarray
+
+
+@functools.cache
+def band_plan(n: int, m: int, exact_n: bool = False) -> BandPlan:
+    """The :class:`BandPlan` of :func:`tile_patterns` ``(n, m, exact_n)``."""
+    patterns = tile_patterns(n, m, exact_n).reshape(-1, m, m)
+    bands = (range(m // 2), range(m // 2, m))
+    groups: tuple[dict, dict] = ({}, {})  # profile -> options (tuples of row bit sets)
+    pairs: dict[tuple, None] = {}
+    for pattern in patterns:
+        profiles = []
+        for band, rows in zip(groups, bands, strict=True):
+            option = tuple(int(pattern[r] @ (1 << np.arange(m))) for r in rows)
+            profile = tuple(int(c) for c in pattern[list(rows)].sum(axis=0))
+            options = band.setdefault(profile, [])
+            if option not in options:
+                options.append(option)
+            profiles.append(profile)
+        pairs[tuple(profiles)] = None
+    subsets, codes, group_end = [], [], []
+    for band, rows in zip(groups, bands, strict=True):
+        for options in band.values():
+            for option in options:
+                planes = [r * 16 + bits for r, bits in zip(rows, option, strict=True)]
+                subsets.append(planes + [rows[0] * 16] * (2 - len(planes)))
+                codes.append(sum(bits << (r * m) for r, bits in zip(rows, option, strict=True)))
+            group_end.append(len(codes))
+    index = [{profile: g for g, profile in enumerate(band)} for band in groups]
+
+    def int32(values) -> np.ndarray:
+        return np.ascontiguousarray(values, dtype=np.int32)
+
+    return BandPlan(
+        m=m,
+        groups=(len(groups[0]), len(groups[1])),
+        group_end=int32(group_end),
+        option_subsets=int32(subsets),
+        option_codes=int32(codes),
+        pair_top=int32([index[0][top] for top, _ in pairs]),
+        pair_bottom=int32([index[1][bottom] for _, bottom in pairs]),
+    )
 
 
 # ------------------------------------------------------------------ 2:4 by row-pair halves
@@ -266,12 +341,34 @@ def transposable_mask_patterns(
     """Max-magnitude transposable N:M mask of ``w``; tile (i, j) = ``w[i*m:(i+1)*m, j*m:(j+1)*m]``.
 
     Exact: the result keeps the largest total ``|w|`` over all admissible patterns of each
-    tile (ties between equal totals may go either way). NaN entries count as zero magnitude.
-    Weights with more than two dims are flattened as in
-    :func:`nmcompile.solvers._shapes.as_matrix`; the mask has ``w``'s shape.
+    tile (ties between equal totals may go either way; totals are summed in ``w``'s dtype,
+    at least float32). NaN entries count as zero magnitude. Weights with more than two dims
+    are flattened as in :func:`nmcompile.solvers._shapes.as_matrix`; the mask has ``w``'s
+    shape. Float32/16 and bfloat16 CPU weights go to the C kernel when it is available
+    (:func:`nmcompile.solvers.native.status`); others to the pure-torch path. Traceable: it
+    is the custom op ``nm::transposable_mask_patterns``.
     """
     w2d = _checked(w, n, m, exact_n)
-    if (n, m) != (2, 4):
-        return transposable_mask_scored(w, n, m, exact_n)
-    mask = _mask_24(w2d, torch.promote_types(w.dtype, torch.float32), exact_n)
-    return mask.reshape(w.shape)
+    return _pattern_mask(w2d.detach(), n, m, exact_n).reshape(w.shape)
+
+
+#: Dtypes the C kernel takes (converted to float32 without rounding).
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("nm::transposable_mask_patterns", mutates_args=())
+def _pattern_mask(w2d: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Tensor:
+    """Optimal transposable mask of a 2-D weight whose dims are multiples of ``m``."""
+    if w2d.dim() != 2:
+        raise ValueError(f"nm::transposable_mask_patterns takes a 2-D weight, got {w2d.dim()}-D")
+    _checked(w2d, n, m, exact_n)
+    if w2d.device.type == "cpu" and w2d.dtype in _NATIVE_DTYPES and native.kernel() is not None:
+        return native.run(w2d.to(torch.float32).contiguous(), band_plan(n, m, exact_n))
+    if (n, m) == (2, 4):
+        return _mask_24(w2d, torch.promote_types(w2d.dtype, torch.float32), exact_n)
+    return transposable_mask_scored(w2d, n, m, exact_n)
+
+
+@_pattern_mask.register_fake
+def _(w2d: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Tensor:
+    return torch.empty_like(w2d, dtype=torch.bool)

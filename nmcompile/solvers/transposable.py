@@ -8,7 +8,7 @@ grad-input GEMM. The solvers trade speed for optimality:
 ========== ===================================== ============== ==========================
 method     algorithm                              optimal        where
 ========== ===================================== ============== ==========================
-patterns   score every admissible tile pattern    yes            ``m <= 4``; traceable
+patterns   best admissible pattern per tile       yes            ``m <= 4``; C kernel on CPU
 mcf        one min-cost flow over all tiles       yes (integer   any ``m``; OR-Tools, CPU
                                                   costs, 2**30
                                                   levels)

@@ -1,4 +1,7 @@
-"""The 2:4 pattern solver keeps exactly as much magnitude as scoring every pattern does."""
+"""The 2:4 pattern solver keeps exactly as much magnitude as scoring every pattern does.
+
+Each test runs both implementations: the C kernel (float32 weights) and the pure-torch path
+(forced by hiding the kernel; float64 weights, so the comparison is exact)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,17 @@ import torch
 from _solver_brute import all_tile_masks, tiles_of
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from nmcompile.solvers import tile_patterns, transposable_mask_patterns
+from nmcompile.solvers import native, tile_patterns, transposable_mask_patterns
+
+
+@pytest.fixture(params=["c", "torch"])
+def impl(request, monkeypatch):
+    """Which implementation runs, and the dtype and tolerance its kept magnitude is held to."""
+    if request.param == "c":
+        assert native.kernel() is not None, native.status()
+        return torch.float32, 1e-6
+    monkeypatch.setattr(native, "kernel", lambda: None)
+    return torch.float64, 1e-12
 
 
 def reference_kept(w: torch.Tensor, exact_n: bool) -> torch.Tensor:
@@ -33,7 +46,8 @@ def assert_2_4(mask: torch.Tensor, exact_n: bool) -> None:
 
 @pytest.mark.parametrize("exact_n", [False, True])
 @pytest.mark.parametrize("dist", ["normal", "integers", "sparse", "heavy"])
-def test_kept_magnitude_matches_the_matmul_formulation(dist, exact_n):
+def test_kept_magnitude_matches_the_matmul_formulation(dist, exact_n, impl):
+    dtype, rtol = impl
     gen = torch.Generator().manual_seed(11)
     shape = (128, 256)
     w = {
@@ -42,40 +56,46 @@ def test_kept_magnitude_matches_the_matmul_formulation(dist, exact_n):
         "sparse": lambda: torch.randn(shape, generator=gen, dtype=torch.float64)
         * (torch.rand(shape, generator=gen) < 0.3),
         "heavy": lambda: torch.randn(shape, generator=gen, dtype=torch.float64).pow(5),
-    }[dist]()
+    }[dist]().to(dtype)
     mask = transposable_mask_patterns(w, 2, 4, exact_n)
     assert_2_4(mask, exact_n)
-    torch.testing.assert_close(kept(w, mask), reference_kept(w, exact_n), rtol=1e-12, atol=0)
+    torch.testing.assert_close(kept(w, mask), reference_kept(w, exact_n), rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("exact_n", [False, True])
-def test_float32_kept_magnitude_matches_within_rounding(exact_n):
+def test_float32_kept_magnitude_matches_within_rounding(exact_n, monkeypatch):
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(12))
-    mask = transposable_mask_patterns(w, 2, 4, exact_n)
-    assert_2_4(mask, exact_n)
-    torch.testing.assert_close(kept(w, mask), reference_kept(w, exact_n), rtol=1e-6, atol=0)
+    masks = [transposable_mask_patterns(w, 2, 4, exact_n)]
+    monkeypatch.setattr(native, "kernel", lambda: None)
+    masks.append(transposable_mask_patterns(w, 2, 4, exact_n))
+    for mask in masks:
+        assert_2_4(mask, exact_n)
+        torch.testing.assert_close(kept(w, mask), reference_kept(w, exact_n), rtol=1e-6, atol=0)
 
 
-def test_every_maximal_pattern_can_win():
+def test_every_maximal_pattern_can_win(impl):
     # One tile per maximal pattern, with 1 on the pattern and 0 elsewhere: only it keeps 7 or 8.
-    table = torch.from_numpy(tile_patterns(2, 4)).double()  # [186, 16]
+    table = torch.from_numpy(tile_patterns(2, 4)).to(impl[0])  # [186, 16]
     w = table.reshape(-1, 4, 4).reshape(-1, 4)  # tiles stacked vertically: [186*4, 4]
     mask = transposable_mask_patterns(w, 2, 4)
-    assert torch.equal(mask.reshape(-1, 16).double(), table)
+    assert torch.equal(mask.reshape(-1, 16).to(impl[0]), table)
 
 
+@pytest.mark.usefixtures("impl")
 def test_special_values_stay_admissible():
     w = torch.tensor([[float("inf"), float("nan"), 1.0, -float("inf")]] * 4 * 2).reshape(8, 4)
     assert_2_4(transposable_mask_patterns(w.reshape(4, 8), 2, 4), exact_n=False)
     assert_2_4(transposable_mask_patterns(w.reshape(4, 8), 2, 4, exact_n=True), exact_n=True)
 
 
-def test_traced_graph_has_no_matmul_and_matches_eager():
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_traces_as_one_custom_op_and_matches_eager(mode):
     gen = torch.Generator().manual_seed(13)
     a, b = torch.randn(16, 32, generator=gen), torch.randn(16, 32, generator=gen)
-    traced = make_fx(lambda x: transposable_mask_patterns(x, 2, 4))(a)
-    targets = {str(node.target) for node in traced.graph.nodes}
-    assert not any("mm" in t.split(".")[1] for t in targets if t.startswith("aten."))
+    traced = make_fx(lambda x: transposable_mask_patterns(x, 2, 4), tracing_mode=mode)(a)
+    targets = [str(node.target) for node in traced.graph.nodes if node.op == "call_function"]
+    assert "nm.transposable_mask_patterns.default" in targets
+    assert not any("mm" in t for t in targets)
     assert torch.equal(traced(b), transposable_mask_patterns(b, 2, 4))
 
 
