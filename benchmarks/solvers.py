@@ -1,8 +1,9 @@
 """Speed and quality of the transposable mask solvers.
 
 Prints one table (tabulate): median time, weights per second and the fraction of ``sum|W|``
-kept, per method, ratio and shape, on Gaussian weights. ``patterns`` is also timed on CUDA when
-a GPU is present. Every method is warmed up on a small matrix first (table caches, imports,
+kept, per method, ratio and shape, on Gaussian weights. ``patterns`` runs the C kernel on CPU
+(``patterns (torch)`` is its pure-torch fallback, for comparison) and is also timed on CUDA
+when a GPU is present. Every method is warmed up on a small matrix first (table caches, imports,
 kernels), then timed ``--repeats`` times on the real shape.
 
     python benchmarks/solvers.py            # 1024^2, 4096^2, 4096x16384
@@ -17,11 +18,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
 from tabulate import tabulate
 
-from nmcompile.solvers import transposable_mask, transposable_mask_scored
+from nmcompile.solvers import native, transposable_mask, transposable_mask_scored
 
 #: ``scored (compiled)``: the one-matmul scorer as the backend runs it inside training graphs,
 #: compiled by Inductor (the first, compiling call is the warm-up).
@@ -32,6 +34,8 @@ SHAPES = [(1024, 1024), (4096, 4096), (4096, 16384)]
 CASES = [
     (2, 4, "patterns", False),
     (2, 4, "patterns", True),
+    (2, 4, "patterns (torch)", False),
+    (2, 4, "patterns (torch)", True),
     (2, 4, "scored (compiled)", False),
     (2, 4, "greedy", False),
     (2, 4, "mcf", False),
@@ -55,10 +59,15 @@ def time_case(w: torch.Tensor, n: int, m: int, method: str, exact_n: bool, repea
         def solve(x):
             return _SCORED(x, n, m, exact_n)
         solve(w)  # compiles for this shape
+    elif method == "patterns (torch)":
+        def solve(x):
+            with mock.patch.object(native, "kernel", return_value=None):
+                return transposable_mask(x, n, m, "patterns", exact_n)
+        solve(w[:256, :256])  # warm-up
     else:
         def solve(x):
             return transposable_mask(x, n, m, method, exact_n)
-        solve(w[:256, :256])  # warm-up
+        solve(w[:256, :256])  # warm-up (and the C kernel's first-use build)
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -106,6 +115,7 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(f"CPU pattern search: {native.status()}")
     headers = ["shape", "ratio", "method", "per row/col", "device", "seconds", "M weights/s",
                "kept |W|"]
     print(tabulate(run(shapes, repeats), headers=headers, tablefmt="github"))
