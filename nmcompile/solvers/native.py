@@ -14,7 +14,7 @@ compiler and its flags:
 When the kernel cannot be built (no compiler, a failed build, a platform without ``ctypes``
 loading), :func:`kernel` returns ``None`` after one ``RuntimeWarning`` naming the reason, and
 :func:`nmcompile.solvers.transposable_mask_patterns` uses its pure-torch path (same optimum,
-about 3x slower on CPU); :func:`status` says which is in use.
+about 5x slower on CPU); :func:`status` says which is in use.
 
 The kernel releases the GIL (``ctypes``), so rows of tiles are split across threads, as many
 as ``torch.get_num_threads()``.

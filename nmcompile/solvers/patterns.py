@@ -348,8 +348,7 @@ def transposable_mask_patterns(
     (:func:`nmcompile.solvers.native.status`); others to the pure-torch path. Traceable: it
     is the custom op ``nm::transposable_mask_patterns``.
     """
-    w2d = _checked(w, n, m, exact_n)
-    return _pattern_mask(w2d.detach(), n, m, exact_n).reshape(w.shape)
+    return _pattern_mask(as_matrix(w).detach(), n, m, exact_n).reshape(w.shape)
 
 
 #: Dtypes the C kernel takes (converted to float32 without rounding).
@@ -358,7 +357,7 @@ _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @torch.library.custom_op("nm::transposable_mask_patterns", mutates_args=())
 def _pattern_mask(w2d: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Tensor:
-    """Optimal transposable mask of a 2-D weight whose dims are multiples of ``m``."""
+    """Optimal transposable mask of a 2-D weight whose dims are multiples of ``m`` (checked)."""
     if w2d.dim() != 2:
         raise ValueError(f"nm::transposable_mask_patterns takes a 2-D weight, got {w2d.dim()}-D")
     _checked(w2d, n, m, exact_n)
