@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import NMConfig
 from .dump import GraphDump
+from .kernels import autocast_dtypes, packing_dtype
 from .masking import MaskRecord, register
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .state import MaskBank
@@ -46,13 +47,17 @@ class NMOptionError(ValueError, ShortenTraceback):
 
 
 def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
-               options: Mapping[str, Any] | None = None) -> Callable:
+               options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable:
     """Compile a Dynamo graph with every parameter matmul rewritten to N:M sparse ops.
 
     Options are validated first, before AOTAutograd traces anything; a bad one raises
     :class:`NMOptionError` (a ``ValueError``) naming the key and the valid choices.
+    ``mode`` is ``torch.compile``'s (which passes either ``mode`` or ``options``, never
+    both); it is the same as ``options={"mode": mode}``.
     """
     try:
+        if mode is not None:
+            options = {**(options or {}), "mode": mode}
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
@@ -62,22 +67,23 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
     bank = mask_inputs = None
-    if config.masks_outside_graph:
+    candidates = {pos: value for pos, value in real.items()
+                  if value.dim() == 2 and value.is_floating_point()}
+    packing = _packing(config, gm, params, candidates)
+    if config.masks_outside_graph or packing:
         missing = sorted(p.name for p in params if p.position not in real)
-        if missing:
+        if missing and config.masks_outside_graph:
             raise NotImplementedError(
                 f"nm: masks solved outside the graph need the real parameters, but the "
                 f"graph was compiled with fake ones for {missing}")
-        candidates = {pos: value for pos, value in real.items()
-                      if value.dim() == 2 and value.is_floating_point()}
-        bank = MaskBank(config, candidates)
+        bank = MaskBank(config, candidates, packing)
         mask_inputs = bank.input_positions(len(example_inputs))
         gm = _append_inputs(gm, len(bank.tensors))
         example_inputs += bank.tensors
 
     def on_rewrite(before: str, after: str, rewrite: RewriteMatmuls) -> None:
         if bank is not None:
-            bank.attach(rewrite.specs)
+            bank.attach(rewrite.specs, rewrite.packed_used)
         for position, spec in rewrite.specs.items():
             param = refs[position]() if position in refs else None
             if param is not None and bank is None:
@@ -88,10 +94,28 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
             dump.write_records(rewrite.records, config.to_dict())
 
     rewrite = RewriteMatmuls(config, {p.position: p for p in params},
-                             dump.graph_id if dump else 0, on_rewrite, mask_inputs)
+                             dump.graph_id if dump else 0, on_rewrite, mask_inputs,
+                             bank.pack_failures if bank is not None else None)
     compile_graph = _compile_inductor if config.inductor else _compile_fx_only
     compiled = compile_graph(gm, example_inputs, rewrite, dump)
     return _skip_fake_calls(bank, compiled) if bank is not None else compiled
+
+
+def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],
+             candidates: Mapping[int, torch.Tensor]) -> dict[int, torch.dtype]:
+    """Position -> GEMM dtype of each weight that gets compressed copies for the sparse kernel."""
+    if config.kernels == "emulate":
+        return {}
+    autocast = autocast_dtypes(gm)
+    plan = {}
+    for p in params:
+        param = candidates.get(p.position)
+        if param is None or p.excluded or param.numel() < config.min_numel:
+            continue
+        dtype = packing_dtype(config.kernels, param, autocast)
+        if dtype is not None:
+            plan[p.position] = dtype
+    return plan
 
 
 def _skip_fake_calls(bank: MaskBank, compiled: Callable) -> Callable:
@@ -216,12 +240,13 @@ def _dump_then_compile(gm: fx.GraphModule, example_inputs: Any, *, dump: GraphDu
 
 def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
                       dump: GraphDump | None) -> Callable:
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     inner = functools.partial(_dump_then_compile, dump=dump) if dump else compile_fx_inner
+    patches = {**list_mode_options(rewrite.config.mode), "joint_custom_pre_pass": rewrite}
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, inner_compile=inner,
-                          config_patches={"joint_custom_pre_pass": rewrite})
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
 
 
 def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,

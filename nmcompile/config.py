@@ -24,6 +24,8 @@ from .solvers.patterns import MAX_PATTERN_M
 
 __all__ = [
     "FORWARD_POLICIES",
+    "KERNEL_POLICIES",
+    "MODES",
     "GRAD_INPUT_POLICIES",
     "GRAD_WEIGHT_POLICIES",
     "MVUE_METHODS",
@@ -57,6 +59,12 @@ GRAD_WEIGHT_POLICIES = ("dense", "mvue", "fst")
 #: ``mvue_method``: ``exact`` MVUE, or the cheaper two-draw ``approx`` (also unbiased; 2:4).
 MVUE_METHODS = ("exact", "approx")
 MVUE_RATIOS = ((1, 2), (2, 4))
+#: ``kernels``: ``auto`` = the 2:4 sparse kernel (cuSPARSELt) for each GEMM the cost rule measured
+#: right and faster on this GPU, dense elsewhere; ``sparse`` = the sparse kernel for every GEMM
+#: its contract allows (no timing, no self-check); ``emulate`` = masked-dense everywhere.
+KERNEL_POLICIES = ("auto", "sparse", "emulate")
+#: ``mode``: Inductor's compile modes, as ``torch.compile(mode=...)`` names them.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 _ENV_DUMP_DIR = "NMCOMPILE_DUMP_DIR"
 #: Parameter-name patterns left dense by default: embeddings and language-model heads (tied
@@ -97,6 +105,11 @@ class NMConfig:
             ``NMCOMPILE_DUMP_DIR`` (unset: no dump).
         inductor: ``True`` hands the rewritten graphs to Inductor; ``False`` runs them as
             plain FX graphs (AOTAutograd only: much faster to compile, same numbers).
+        kernels: which kernel runs the sparse GEMMs, one of :data:`KERNEL_POLICIES`
+            (:mod:`nmcompile.kernels`).
+        mode: Inductor's compile mode, one of :data:`MODES` (``torch.compile(mode=...)`` sets
+            it too, when no ``options`` are given): ``reduce-overhead`` captures the compiled
+            graphs in CUDA graphs, ``max-autotune`` also tunes Inductor's kernels.
     """
 
     n: int = 2
@@ -118,6 +131,8 @@ class NMConfig:
     param_filter: Callable[[str, Any], bool] | None = None
     dump_dir: str | None = None
     inductor: bool = True
+    kernels: str = "auto"
+    mode: str = "default"
 
     def __post_init__(self) -> None:
         for key in ("n", "m", "mvue_n", "mvue_m", "min_numel", "bimask_candidates",
@@ -138,6 +153,8 @@ class NMConfig:
             ("bimask_method", BIMASK_METHODS),
             ("grad_weight", GRAD_WEIGHT_POLICIES),
             ("mvue_method", MVUE_METHODS),
+            ("kernels", KERNEL_POLICIES),
+            ("mode", MODES),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(
@@ -171,6 +188,9 @@ class NMConfig:
             raise ValueError(f"NMConfig.dump_dir must be a path or None, got {self.dump_dir!r}")
         if not isinstance(self.inductor, bool):
             raise ValueError(f"NMConfig.inductor must be a bool, got {self.inductor!r}")
+        if self.mode != "default" and not self.inductor:
+            raise ValueError(
+                f"NMConfig.mode={self.mode!r} is an Inductor mode and needs inductor=True")
         if self.transposable_method == "patterns" and self.m > MAX_PATTERN_M:
             raise ValueError(
                 f"NMConfig.transposable_method='patterns' enumerates tiles for m <= "

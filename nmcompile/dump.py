@@ -26,16 +26,21 @@ from torch._logging import trace_structured
 
 __all__ = ["GraphDump", "format_table", "read_summary"]
 
-_COLUMNS = ("graph", "node", "role", "param", "shapes", "became", "sparse", "reason")
+_COLUMNS = ("graph", "node", "role", "param", "shapes", "became", "sparse", "kernel", "reason")
 
 
 def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
-    """The per-matmul table (one row per matmul record, as in ``summary.json``)."""
+    """The per-matmul table (one row per matmul record, as in ``summary.json``).
+
+    ``sparse``: the GEMM computes with the N:M mask; ``kernel``: for those GEMMs, what runs
+    them (``cuSPARSELt``, with the cost rule's measured speed-up under ``kernels="auto"``, or
+    ``dense: <reason>`` for the masked-dense product); ``reason``: why a GEMM is not masked.
+    """
     body = [
         (
             r["graph_id"], r["node"], r["role"] or "-", r["param"] or "-",
             " @ ".join("x".join(map(str, s)) for s in r["shapes"]), r["became"],
-            "yes" if r["sparse"] else "no", r["reason"] or "",
+            "yes" if r["sparse"] else "no", r.get("kernel") or "", r["reason"] or "",
         )
         for r in rows
     ]

@@ -17,9 +17,11 @@ from .solvers import bimask, nm_mask, transposable_mask, transposable_mask_score
 
 __all__ = [
     "BackwardSpec",
+    "BankSlots",
     "MaskRecord",
     "MaskSpec",
     "MaskStats",
+    "Pack",
     "compute_backward_mask",
     "compute_mask",
     "mask_stats",
@@ -56,6 +58,19 @@ class BackwardSpec:
 
 
 @dataclass(frozen=True)
+class BankSlots:
+    """Where one parameter's out-of-graph tensors sit (indices into the bank's tensors, or graph
+    input positions): its forward mask, its Bi-Mask backward mask, and its compressed weights
+    ``compress(W*M)`` (``packed``) and ``compress((W*M)^T)`` (``packed_t``) in ``dtype``."""
+
+    forward: int
+    backward: int | None = None
+    packed: int | None = None
+    packed_t: int | None = None
+    dtype: torch.dtype | None = None
+
+
+@dataclass(frozen=True)
 class MaskStats:
     """Health of one weight's mask at its latest refresh.
 
@@ -71,13 +86,27 @@ class MaskStats:
 
 
 @dataclass
+class Pack:
+    """A compressed copy of a masked weight for the sparse kernel, shared by every graph that
+    reads the weight: ``compress(W*M)`` (``transposed=False``) or ``compress((W*M)^T)``, with
+    ``W`` cast to ``dtype``. ``token`` is the weight state and mask it was made from."""
+
+    tensor: torch.Tensor
+    dtype: torch.dtype
+    transposed: bool
+    token: tuple | None = None
+    compressions: int = 0
+
+
+@dataclass
 class MaskRecord:
     """A parameter's mask as the compiled graphs use it.
 
     ``forward``/``backward`` hold the mask tensors handed to the graphs when masks are solved
     outside them (``None`` when the graph computes the mask itself); every graph that reads
     the parameter shares them. ``previous`` is the mask at the last ``stats()`` call (in-graph
-    masks only).
+    masks only). ``epoch`` counts writes of the forward mask; ``packs`` holds the compressed
+    copies of the masked weight, by ``(dtype, transposed)``.
     """
 
     spec: MaskSpec
@@ -88,7 +117,9 @@ class MaskRecord:
     stats: MaskStats | None = None
     refreshes: int = field(default=0)
     steps: int = 0  # optimizer steps seen since the last refresh
-    version: int | None = None  # the weight's version counter when last seen
+    version: tuple[int, int] | None = None  # the weight's state when last seen (weight_token)
+    epoch: int = 0
+    packs: dict[tuple[torch.dtype, bool], Pack] = field(default_factory=dict)
 
 
 def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:

@@ -1,12 +1,18 @@
-"""Masks over time: refresh intervals, masks solved outside the graph, stats, checkpoints.
+"""Masks over time: refresh intervals, masks solved outside the graph, compressed weights,
+stats, checkpoints.
 
 When masks are not computed inside the graph at every step (``mask_interval > 1``, the
-min-cost-flow or greedy transposable solvers, Bi-Mask backward masks), a :class:`MaskBank`
-owns one boolean tensor per mask and hands them to the compiled graph as extra inputs. Before
-each call it counts optimizer steps by watching the weights' version counters (an in-place
-update bumps them; gradient-accumulation micro-steps do not), and refreshes every mask once
-``mask_interval`` steps have passed. Refreshes are deterministic functions of the weights
-(Bi-Mask draws from a fixed seed), so every data-parallel rank computes the same masks.
+min-cost-flow or greedy transposable solvers, Bi-Mask backward masks), or when a sparse kernel
+needs the compressed weights, a :class:`MaskBank` owns one boolean tensor per mask (and the
+compressed copies of each masked weight) and hands them to the compiled graph as extra inputs.
+Before each call it counts optimizer steps (:func:`weight_token`: a change of the weight's
+version counter, which in-place updates bump, or a ``step()`` of any ``torch.optim``
+optimizer holding the weight, which covers fused and foreach optimizers and ``.data`` writes
+inside ``step``; gradient-accumulation micro-steps change neither), refreshes every mask once
+``mask_interval`` steps have passed, and compresses a weight again only when it or its mask
+changed: once per optimizer step, shared by every micro-step. Refreshes are deterministic
+functions of the weights (Bi-Mask draws from a fixed seed), so every data-parallel rank computes
+the same masks.
 """
 
 from __future__ import annotations
@@ -17,62 +23,133 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import NMConfig
+from .kernels import cusparselt
 from .masking import (
     BackwardSpec,
+    BankSlots,
     MaskRecord,
     MaskSpec,
     MaskStats,
+    Pack,
     compute_backward_mask,
     compute_mask,
     mask_stats,
     record_of,
     register,
 )
+from .ops.emulation import masked_weight
 
-__all__ = ["MaskBank", "load_mask_state_dict", "mask_state_dict", "masks", "stats"]
+__all__ = ["MaskBank", "load_mask_state_dict", "mask_state_dict", "masks", "stats",
+           "weight_token"]
 
 log = logging.getLogger(__name__)
 _PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()  # states loaded before compilation
+_OPTIMIZER_STEPS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> step() calls
+_step_hook: Any = None
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            _OPTIMIZER_STEPS[param] = _OPTIMIZER_STEPS.get(param, 0) + 1
+
+
+def watch_optimizer_steps() -> None:
+    """Count every ``torch.optim`` optimizer's ``step()`` per parameter (a global post-hook,
+    installed once)."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_step)
+
+
+def weight_token(param: torch.Tensor) -> tuple[int, int]:
+    """A value that changes whenever ``param`` takes an optimizer step: its version counter and
+    the number of ``torch.optim`` ``step()`` calls that updated it."""
+    return param._version, _OPTIMIZER_STEPS.get(param, 0)
 
 
 class MaskBank:
-    """The out-of-graph masks one compiled graph reads, refreshed every ``mask_interval`` steps.
+    """The out-of-graph masks and compressed weights one compiled graph reads.
 
     Masks belong to parameters, not graphs: a second graph over the same parameter (a
-    recompile for new shapes, an eval graph) shares the first one's mask tensors and counters.
+    recompile for new shapes, an eval graph) shares the first one's mask tensors, compressed
+    weights and counters.
+
+    Args:
+        config: the backend's resolved config.
+        params: graph input position -> parameter, for every parameter that may be masked.
+        packing: position -> dtype for the parameters whose GEMMs may run on the sparse kernel
+            (:func:`nmcompile.kernels.packing_dtype`): each gets two compressed-weight inputs,
+            ``compress(W*M)`` and ``compress((W*M)^T)`` in that dtype.
     """
 
-    def __init__(self, config: NMConfig, params: Mapping[int, torch.Tensor]) -> None:
+    def __init__(self, config: NMConfig, params: Mapping[int, torch.Tensor],
+                 packing: Mapping[int, torch.dtype] | None = None) -> None:
+        watch_optimizer_steps()
         self.config = config
         self._params = {pos: weakref.ref(p) for pos, p in params.items()}
         bimask = config.grad_input == "bimask"
         self.tensors: list[torch.Tensor] = []
-        self._slots: dict[int, tuple[int, int | None]] = {}
+        self._slots: dict[int, BankSlots] = {}
+        self._packs: dict[int, dict[bool, Pack]] = {}
+        #: position -> why its weight has no compressed copies although ``packing`` asked
+        self.pack_failures: dict[int, str] = {}
         for pos, param in params.items():
-            fwd = len(self.tensors)
-            self.tensors.append(torch.ones_like(param, dtype=torch.bool))
-            bwd = None
-            if bimask:
-                bwd = len(self.tensors)
-                self.tensors.append(torch.ones_like(param, dtype=torch.bool))
-            self._slots[pos] = (fwd, bwd)
+            fwd = self._add(torch.ones_like(param, dtype=torch.bool))
+            bwd = self._add(torch.ones_like(param, dtype=torch.bool)) if bimask else None
+            packed = packed_t = dtype = None
+            if packing and pos in packing:
+                try:
+                    packs = {t: self._pack(param, packing[pos], t) for t in (False, True)}
+                except Exception as error:  # noqa: BLE001  (the GEMMs then stay dense)
+                    self.pack_failures[pos] = f"cannot compress the weight: {error}"
+                else:
+                    self._packs[pos] = packs
+                    dtype = packing[pos]
+                    packed, packed_t = (self._add(packs[t].tensor) for t in (False, True))
+            self._slots[pos] = BankSlots(fwd, bwd, packed, packed_t, dtype)
         self.records: dict[int, MaskRecord] = {}
+        self._active: dict[int, list[Pack]] = {}
         self._pending: list[tuple[MaskRecord, Mapping[str, Any]]] = []
 
-    def input_positions(self, first: int) -> dict[int, tuple[int, int | None]]:
-        """Parameter position -> graph input positions of its forward and backward masks."""
-        return {pos: (first + f, None if b is None else first + b)
-                for pos, (f, b) in self._slots.items()}
+    def _add(self, tensor: torch.Tensor) -> int:
+        self.tensors.append(tensor)
+        return len(self.tensors) - 1
 
-    def attach(self, specs: Mapping[int, MaskSpec]) -> None:
-        """Adopt or create the records of the parameters the pass masked (called by the pass)."""
+    @staticmethod
+    def _pack(param: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Pack:
+        known = record_of(param)
+        if known is not None and (dtype, transposed) in known.packs:
+            return known.packs[(dtype, transposed)]
+        shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
+        with torch.no_grad():
+            blob = cusparselt.compress(torch.zeros(shape, dtype=dtype, device=param.device))
+        return Pack(blob, dtype, transposed)
+
+    def input_positions(self, first: int) -> dict[int, BankSlots]:
+        """Parameter position -> graph input positions of its masks and compressed weights."""
+        def at(i: int | None) -> int | None:
+            return None if i is None else first + i
+
+        return {pos: BankSlots(at(s.forward), at(s.backward), at(s.packed), at(s.packed_t),
+                               s.dtype) for pos, s in self._slots.items()}
+
+    def attach(self, specs: Mapping[int, MaskSpec],
+               packed_used: Mapping[int, set[bool]] | None = None) -> None:
+        """Adopt or create the records of the parameters the pass masked (called by the pass).
+
+        ``packed_used``: position -> which compressed weights the graph reads (``False``:
+        ``compress(W*M)``, ``True``: ``compress((W*M)^T)``); only those are kept up to date.
+        """
         cfg = self.config
         for pos, spec in specs.items():
             param = self._params[pos]()
-            fwd, bwd = self._slots[pos]
+            slots = self._slots[pos]
+            fwd, bwd = slots.forward, slots.backward
             backward = None
             if bwd is not None and spec.reduction_dim == 1:
                 backward = BackwardSpec(cfg.n, cfg.m, cfg.bimask_candidates, cfg.bimask_method)
@@ -87,13 +164,20 @@ class MaskBank:
                 record = MaskRecord(spec, backward, self.tensors[fwd],
                                     None if bwd is None else self.tensors[bwd])
             self.records[pos] = record
+            used = (packed_used or {}).get(pos, set())
+            if used:
+                packs = [self._packs[pos][t] for t in sorted(used)]
+                for pack in packs:
+                    record.packs[(pack.dtype, pack.transposed)] = pack
+                self._active[pos] = packs
             if param is not None:
                 register(param, record)
                 if param in _PENDING:  # applied at the first call: we are inside tracing here
                     self._pending.append((record, _PENDING.pop(param)))
 
     def before_call(self) -> None:
-        """Count optimizer steps from the weights' versions; refresh the masks that are due."""
+        """Count optimizer steps; refresh the masks that are due; compress the weights that
+        changed since they were last compressed."""
         while self._pending:
             _load_record(*self._pending.pop())
         for pos, record in self.records.items():
@@ -103,6 +187,15 @@ class MaskBank:
             _observe(record, param)
             if record.refreshes == 0 or record.steps >= self.config.mask_interval:
                 _refresh(record, param)
+        for pos, packs in self._active.items():
+            param, record = self._params[pos](), self.records[pos]
+            if param is None:
+                continue
+            token = (record.version, record.epoch)
+            for pack in packs:
+                if pack.token != token:
+                    _compress(pack, param, record.forward)
+                    pack.token = token
 
     def wrap(self, compiled: Callable) -> Callable:
         """The callable Dynamo runs: refresh if due, then call the graph with the masks.
@@ -119,9 +212,18 @@ class MaskBank:
 
 def _observe(record: MaskRecord, param: torch.Tensor) -> None:
     """Count an optimizer step if the weight changed since the record last saw it."""
-    if record.version is not None and param._version != record.version:
+    token = weight_token(param)
+    if record.version is not None and token != record.version:
         record.steps += 1
-    record.version = param._version
+    record.version = token
+
+
+@torch.no_grad()
+def _compress(pack: Pack, param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Write the compressed masked weight into ``pack`` (in place: its tensor is a graph input)."""
+    masked = masked_weight(param.detach().to(pack.dtype), mask)
+    pack.tensor.copy_(cusparselt.compress(masked.t() if pack.transposed else masked))
+    pack.compressions += 1
 
 
 @torch.no_grad()
@@ -130,6 +232,7 @@ def _refresh(record: MaskRecord, param: torch.Tensor) -> None:
     mask = compute_mask(param.detach(), record.spec)
     previous = record.forward.clone() if record.refreshes else None
     record.refreshes += 1
+    record.epoch += 1
     record.stats = mask_stats(param, mask, previous, record.refreshes)
     record.forward.copy_(mask)
     if record.backward_spec is not None:
@@ -222,6 +325,7 @@ def _load_record(record: MaskRecord, entry: Mapping[str, Any]) -> None:
     if record.forward is None:
         return  # the graph recomputes this mask from the weights at every step
     record.forward.copy_(entry["forward"])
+    record.epoch += 1
     if record.backward is not None and entry.get("backward") is not None:
         record.backward.copy_(entry["backward"])
     record.refreshes = max(1, int(entry["refreshes"]))

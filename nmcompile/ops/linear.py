@@ -1,13 +1,13 @@
-"""``nm::`` custom ops: the sparse GEMMs of a linear layer.
+"""``nm::`` custom ops: the sparse GEMMs of a linear layer (definitions: schemas, fake kernels,
+autograd). Their implementations live apart: the masked-dense emulation in
+:mod:`nmcompile.ops.emulation`, the cuSPARSELt kernels in :mod:`nmcompile.kernels.cusparselt`.
 
 The rewrite pass (:mod:`nmcompile.passes.rewrite_matmuls`) turns the matmuls of the joint
 training graph into these ops after autograd has run, so the graph never differentiates them;
 their autograd formulas exist for eager use and ``torch.library.opcheck``.
 
-Every op takes the dense weight and a boolean mask of the same shape and computes exactly the
-masked-dense product, ``where(mask, weight, 0)``: the numbers a semi-structured sparse kernel
-produces from the compressed weight. That is the CPU emulation and the reference of the CUDA
-kernels. Which operand the hardware compresses:
+Every op computes exactly the masked-dense product, ``where(mask, weight, 0)``. Which operand
+the hardware compresses:
 
 ========================  ===========================  ======================================
 op                        computes                     sparse operand (N:M along reduction)
@@ -17,8 +17,14 @@ op                        computes                     sparse operand (N:M along
 ``nm::sparse_mm``          ``a @ b``                     ``a``, already pruned N:M along dim 1
 ========================  ===========================  ======================================
 
-``nm::sparse_mm`` carries the grad-weight GEMM ``dY^T X`` once dY has been pruned (MVUE) along
-the token dim: its left operand is N:M along the reduction dim by construction.
+Which implementation runs is fixed by the arguments, never by hidden state: the linear ops
+run the sparse kernel when they are handed the compressed operand (``packed``: the
+cuSPARSELt blob of ``W*M`` or ``(W*M).T``, made once per optimizer step outside the graph by
+:class:`nmcompile.state.MaskBank`), and ``nm::sparse_mm`` when ``use_kernel`` is true (it
+compresses ``a`` itself, per call: a pruned output gradient is new at every micro-step).
+Otherwise they run the emulation. ``nm::sparse_mm`` carries the grad-weight GEMM ``dY^T X``
+once dY has been pruned (MVUE) along the token dim: its left operand is N:M along the
+reduction dim by construction.
 """
 
 from __future__ import annotations
@@ -26,15 +32,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..kernels import cusparselt
+from . import emulation
+from .emulation import masked_weight
+
 __all__ = ["linear_forward", "linear_grad_input", "masked_weight", "sparse_mm"]
 
 
-def masked_weight(weight: Tensor, mask: Tensor) -> Tensor:
-    """``weight`` with the entries outside ``mask`` set to zero (a pruned inf or NaN becomes 0)."""
-    return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-
-
-def _check(name: str, a: Tensor, weight: Tensor, mask: Tensor, a_dim: int, w_dim: int) -> None:
+def _check(name: str, a: Tensor, weight: Tensor, mask: Tensor, w_dim: int,
+           packed: Tensor | None) -> None:
     if mask.dtype != torch.bool or mask.shape != weight.shape:
         raise ValueError(
             f"{name}: mask must be a bool tensor shaped like weight {tuple(weight.shape)}, "
@@ -45,45 +51,74 @@ def _check(name: str, a: Tensor, weight: Tensor, mask: Tensor, a_dim: int, w_dim
             f"{name}: cannot multiply {tuple(a.shape)} by weight {tuple(weight.shape)} "
             f"(reduction over weight dim {w_dim})"
         )
-    if a.dtype != weight.dtype:
+    if packed is None and a.dtype != weight.dtype:
         raise ValueError(f"{name}: dtype mismatch, {a.dtype} activation and {weight.dtype} weight")
+    if packed is not None and packed.dtype != a.dtype:
+        raise ValueError(f"{name}: compressed weight is {packed.dtype}, activation {a.dtype}")
 
 
 @torch.library.custom_op("nm::linear_forward", mutates_args=())
-def linear_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Forward GEMM ``x @ (weight*mask).T + bias``; weight ``[out, in]``, x ``[..., in]``."""
-    _check("nm::linear_forward", x, weight, mask, a_dim=-1, w_dim=1)
-    return torch.nn.functional.linear(x, masked_weight(weight, mask), bias).contiguous()
+def linear_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None,
+                   packed: Tensor | None = None) -> Tensor:
+    """Forward GEMM ``x @ (weight*mask).T + bias``.
+
+    Args:
+        x: ``[..., in]`` activation; the result is ``[..., out]`` in ``x``'s dtype.
+        weight: ``[out, in]`` dense weight, ``x``'s dtype (any floating dtype when ``packed`` is
+            given: only its shape is read then).
+        mask: bool ``[out, in]``.
+        bias: ``[out]`` in ``x``'s dtype, or ``None``.
+        packed: ``cusparselt.compress(weight*mask)`` in ``x``'s dtype: run the sparse kernel.
+    """
+    _check("nm::linear_forward", x, weight, mask, 1, packed)
+    if packed is not None and x.numel():
+        return cusparselt.linear_forward(x, packed, bias, weight.shape[0])
+    return emulation.linear_forward(x, weight, mask, bias)
 
 
 @linear_forward.register_fake
-def _(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None) -> Tensor:
-    _check("nm::linear_forward", x, weight, mask, a_dim=-1, w_dim=1)
+def _(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None,
+      packed: Tensor | None = None) -> Tensor:
+    _check("nm::linear_forward", x, weight, mask, 1, packed)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("nm::linear_grad_input", mutates_args=())
-def linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
-    """Grad-input GEMM ``grad_out @ (weight*mask)``; ``weight`` is ``[out, in]``."""
-    _check("nm::linear_grad_input", grad_out, weight, mask, a_dim=-1, w_dim=0)
-    return torch.matmul(grad_out, masked_weight(weight, mask)).contiguous()
+def linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor,
+                      packed_t: Tensor | None = None) -> Tensor:
+    """Grad-input GEMM ``grad_out @ (weight*mask)``: ``[..., out]`` -> ``[..., in]``.
+
+    ``weight``/``mask`` are ``[out, in]`` as in :func:`linear_forward`; ``packed_t`` is
+    ``cusparselt.compress((weight*mask).T)`` (the mask must be 2:4 along out-features: a
+    transposable mask) in ``grad_out``'s dtype, to run the sparse kernel.
+    """
+    _check("nm::linear_grad_input", grad_out, weight, mask, 0, packed_t)
+    if packed_t is not None and grad_out.numel():
+        return cusparselt.linear_grad_input(grad_out, packed_t, weight.shape[1])
+    return emulation.linear_grad_input(grad_out, weight, mask)
 
 
 @linear_grad_input.register_fake
-def _(grad_out: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
-    _check("nm::linear_grad_input", grad_out, weight, mask, a_dim=-1, w_dim=0)
+def _(grad_out: Tensor, weight: Tensor, mask: Tensor, packed_t: Tensor | None = None) -> Tensor:
+    _check("nm::linear_grad_input", grad_out, weight, mask, 0, packed_t)
     return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
 
 
 @torch.library.custom_op("nm::sparse_mm", mutates_args=())
-def sparse_mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for 2-D ``a`` that is N:M sparse along dim 1 (pruned by the caller)."""
+def sparse_mm(a: Tensor, b: Tensor, use_kernel: bool = False) -> Tensor:
+    """``a @ b`` for 2-D ``a`` ``[M, K]`` that is N:M sparse along ``K`` (pruned by the caller).
+
+    ``use_kernel``: compress ``a`` and run the 2:4 sparse kernel (``a`` must then be 2:4 along
+    ``K``) whenever the shapes allow it at run time; otherwise, and by default, a dense GEMM.
+    """
     _check_mm(a, b)
-    return torch.mm(a, b).contiguous()
+    if use_kernel and cusparselt.sparse_mm_reason(*a.shape, b.shape[1], a.dtype) is None:
+        return cusparselt.sparse_mm(a, b)
+    return emulation.sparse_mm(a, b)
 
 
 @sparse_mm.register_fake
-def _(a: Tensor, b: Tensor) -> Tensor:
+def _(a: Tensor, b: Tensor, use_kernel: bool = False) -> Tensor:
     _check_mm(a, b)
     return a.new_empty((a.shape[0], b.shape[1]))
 
@@ -97,14 +132,14 @@ def _check_mm(a: Tensor, b: Tensor) -> None:
 
 
 def _sparse_mm_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:2])
 
 
 def _sparse_mm_backward(ctx, grad):
     a, b = ctx.saved_tensors
     grad_a = grad @ b.t() if ctx.needs_input_grad[0] else None
     grad_b = a.t() @ grad if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b
+    return grad_a, grad_b, None
 
 
 sparse_mm.register_autograd(_sparse_mm_backward, setup_context=_sparse_mm_setup)
@@ -115,7 +150,7 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _forward_setup(ctx, inputs, output) -> None:
-    x, weight, mask, bias = inputs
+    x, weight, mask, bias, _ = inputs
     ctx.save_for_backward(x, weight, mask)
     ctx.has_bias = bias is not None
 
@@ -123,22 +158,26 @@ def _forward_setup(ctx, inputs, output) -> None:
 def _forward_backward(ctx, grad):
     # Straight-through estimator: the weight gradient is the dense one, as in the graph rewrite.
     x, weight, mask = ctx.saved_tensors
-    grad_x = linear_grad_input(grad, weight, mask) if ctx.needs_input_grad[0] else None
-    grad_w = _flat(grad).t() @ _flat(x) if ctx.needs_input_grad[1] else None
+    grad_x = (linear_grad_input(grad, weight.to(grad.dtype), mask)
+              if ctx.needs_input_grad[0] else None)
+    grad_w = ((_flat(grad).t() @ _flat(x)).to(weight.dtype)
+              if ctx.needs_input_grad[1] else None)
     grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return grad_x, grad_w, None, grad_b
+    return grad_x, grad_w, None, grad_b, None
 
 
 def _grad_input_setup(ctx, inputs, output) -> None:
-    grad_out, weight, mask = inputs
+    grad_out, weight, mask, _ = inputs
     ctx.save_for_backward(grad_out, weight, mask)
 
 
 def _grad_input_backward(ctx, grad):
     grad_out, weight, mask = ctx.saved_tensors
-    grad_g = linear_forward(grad, weight, mask) if ctx.needs_input_grad[0] else None
-    grad_w = _flat(grad_out).t() @ _flat(grad) if ctx.needs_input_grad[1] else None
-    return grad_g, grad_w, None
+    grad_g = (linear_forward(grad, weight.to(grad.dtype), mask)
+              if ctx.needs_input_grad[0] else None)
+    grad_w = ((_flat(grad_out).t() @ _flat(grad)).to(weight.dtype)
+              if ctx.needs_input_grad[1] else None)
+    return grad_g, grad_w, None, None
 
 
 linear_forward.register_autograd(_forward_backward, setup_context=_forward_setup)

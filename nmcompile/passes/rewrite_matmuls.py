@@ -26,9 +26,11 @@ new node carries a fake ``meta["val"]``. Each decision, sparse or not, is kept a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -37,7 +39,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
-from ..masking import MaskSpec, compute_mask
+from ..kernels import Choice, choose
+from ..kernels.cusparselt import implies_2_4
+from ..masking import BankSlots, MaskSpec, compute_mask
 from ..solvers.fst import fst_prune, gradient_shift
 from ..solvers.mvue import mvue
 from ..solvers.patterns import transposable_masks_scored
@@ -74,6 +78,7 @@ class MatmulRecord:
     became: str
     sparse: bool
     reason: str | None
+    kernel: str | None = None  # the sparse GEMM's kernel: "cuSPARSELt ..." or "dense: <why>"
 
 
 @dataclass(frozen=True)
@@ -94,19 +99,26 @@ class RewriteMatmuls(CustomGraphPass):
     every parameter it masked to its :class:`MaskSpec`. ``on_rewrite(before, after, pass)`` is
     called with the readable graph before and after the rewrite (for dumps). ``mask_inputs``
     maps a parameter's position to the graph input positions of its forward (and Bi-Mask
-    backward) masks when masks are solved outside the graph.
+    backward) masks and compressed weights when they come from outside the graph
+    (:class:`nmcompile.state.MaskBank`); ``pack_failures`` says why a parameter that was meant
+    to have compressed weights has none. ``packed_used`` maps the position of every parameter
+    whose compressed weights the graph reads to which of them (``False``: ``compress(W*M)``,
+    ``True``: ``compress((W*M)^T)``).
     """
 
     def __init__(self, config: NMConfig, params: Mapping[int, GraphInput], graph_id: int,
                  on_rewrite: Callable[[str, str, RewriteMatmuls], None] | None = None,
-                 mask_inputs: Mapping[int, tuple[int, int | None]] | None = None) -> None:
+                 mask_inputs: Mapping[int, BankSlots] | None = None,
+                 pack_failures: Mapping[int, str] | None = None) -> None:
         self.config = config
         self.params = dict(params)
         self.mask_inputs = dict(mask_inputs or {})
+        self.pack_failures = dict(pack_failures or {})
         self.graph_id = graph_id
         self.on_rewrite = on_rewrite
         self.records: list[MatmulRecord] = []
         self.specs: dict[int, MaskSpec] = {}
+        self.packed_used: dict[int, set[bool]] = {}
 
     def uuid(self) -> str:
         key = repr((self.config, sorted((p.position, p.name) for p in self.params.values()),
@@ -118,8 +130,14 @@ class RewriteMatmuls(CustomGraphPass):
         nodes = self._param_nodes(graph)
         names = {node: self.params[pos].name for pos, node in nodes.items()}
         inputs = primals(graph)
-        external = {nodes[pos]: (inputs[f], None if b is None else inputs[b])
-                    for pos, (f, b) in self.mask_inputs.items() if pos in nodes}
+
+        def at(i: int | None) -> fx.Node | None:
+            return None if i is None else inputs[i]
+
+        external = {nodes[pos]: _External(inputs[s.forward], at(s.backward), at(s.packed),
+                                          at(s.packed_t), s.dtype,
+                                          self.pack_failures.get(pos))
+                    for pos, s in self.mask_inputs.items() if pos in nodes}
         excluded = {node: self.params[pos].excluded for pos, node in nodes.items()
                     if self.params[pos].excluded}
         rewriter = _Rewriter(graph, self.config, self.graph_id, names, external, excluded)
@@ -130,6 +148,8 @@ class RewriteMatmuls(CustomGraphPass):
         self.records = rewriter.records
         self.specs = {pos: rewriter.masks[node][0] for pos, node in nodes.items()
                       if node in rewriter.masks}
+        self.packed_used = {pos: rewriter.packed_used[node] for pos, node in nodes.items()
+                            if node in rewriter.packed_used}
         for rec in self.records:
             kind = "sparse" if rec.sparse else "dense"
             counters["nmcompile"][f"{rec.role or 'other'}_{kind}"] += 1
@@ -156,7 +176,7 @@ class _Rewriter:
 
     def __init__(self, graph: fx.Graph, config: NMConfig, graph_id: int,
                  names: dict[fx.Node, str],
-                 external: dict[fx.Node, tuple[fx.Node, fx.Node | None]],
+                 external: dict[fx.Node, _External],
                  excluded: dict[fx.Node, str]) -> None:
         self.graph, self.config, self.graph_id = graph, config, graph_id
         self.names = names
@@ -166,6 +186,7 @@ class _Rewriter:
         self.records: list[MatmulRecord] = []
         self.masks: dict[fx.Node, tuple[MaskSpec, fx.Node]] = {}
         self.forward: dict[int, _Forward] = {}
+        self.packed_used: dict[fx.Node, set[bool]] = {}
         self.unmatched: str | None = None  # why no graph input is known to be a parameter
 
     def run(self) -> None:
@@ -249,9 +270,9 @@ class _Rewriter:
         if self.config.grad_input == "transposable":
             return self._record(mm, "grad_input", p, None, self._replace_grad_input(mm, p, mask))
         if self.config.grad_input == "bimask":
-            backward = self.external.get(p.param, (None, None))[1]
+            backward = self.external[p.param].backward if p.param in self.external else None
             if backward is not None and fwd.reduction_dim == 1:
-                became = self._replace_grad_input(mm, p, backward) + " (bimask)"
+                became = self._replace_grad_input(mm, p, backward, bimask=True)
                 return self._record(mm, "grad_input", p, None, became)
         became = self._mask_operand(mm, p, mask)
         return self._record(mm, "grad_input", p,
@@ -311,7 +332,7 @@ class _Rewriter:
             cfg = self.config
             spec = MaskSpec(cfg.n, cfg.m, cfg.forward, p.reduction_dim, cfg.transposable_method)
             if p.param in self.external:  # solved outside the graph, passed in as an input
-                node = self.external[p.param][0]
+                node = self.external[p.param].mask
             else:
                 with self.graph.inserting_before(mm.node):
                     node = self.edit.inline(lambda w: compute_mask(w, spec), [p.param], "mask")
@@ -321,7 +342,57 @@ class _Rewriter:
     def _t(self, node: fx.Node, like: fx.Node) -> fx.Node:
         return self.edit.call(aten.permute.default, [node, [1, 0]], like=like)
 
-    def _replace_forward(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
+    def _kernel(self, role: str, p: ParamOperand | None, gemm: fx.Node,
+                weight_shape: tuple[int, int] | None = None,
+                dense: fx.Node | None = None) -> tuple[Choice, fx.Node | None]:
+        """The kernel of a sparse GEMM, and the compressed weight it reads (if any).
+
+        ``gemm`` is the activation operand (forward: x, grad-input: dY, grad-weight: the
+        pruned operand, times ``dense``); ``weight_shape`` the ``[out, in]`` weight of a linear
+        GEMM.
+        """
+        cfg, val = self.config, gemm.meta["val"]
+        packed, blocker = None, None
+        if role == "grad_weight":
+            m, k, n = val.shape[0], val.shape[1], dense.meta["val"].shape[1]
+            ratio = (cfg.mvue_n, cfg.mvue_m) if cfg.grad_weight == "mvue" else (cfg.n, cfg.m)
+            if not implies_2_4(*ratio):
+                blocker = f"{ratio[0]}:{ratio[1]} pruning is not 2:4"
+        else:
+            out_f, in_f = weight_shape
+            m, k = (out_f, in_f) if role == "forward" else (in_f, out_f)
+            n = math.prod(val.shape[:-1])
+            spec = self.masks[p.param][0]  # its reduction_dim is the FORWARD GEMM's
+            transposed = (spec.reduction_dim == 0) == (role == "forward")
+            ext = self.external.get(p.param)
+            if not implies_2_4(spec.n, spec.m):
+                blocker = f"{spec.n}:{spec.m} mask is not 2:4"
+            elif role == "grad_input" and spec.policy != "transposable":
+                blocker = "row-wise mask is not 2:4 along out-features (grad-input needs a " \
+                          "transposable mask)"
+            elif ext is None or ext.packed is None:
+                blocker = (ext.pack_failure if ext is not None and ext.pack_failure
+                           else "no compressed copy of this weight (see the kernels option)")
+            elif ext.dtype != val.dtype:
+                blocker = f"weight compressed as {ext.dtype}, the GEMM runs in {val.dtype}"
+            else:
+                packed = ext.packed_t if transposed else ext.packed
+        choice = choose(cfg.kernels, role, device=val.device, dtype=val.dtype, m=m, k=k, n=n,
+                        blocker=blocker)
+        if not choice.sparse:
+            return choice, None
+        if packed is not None:
+            self.packed_used.setdefault(p.param, set()).add(transposed)
+        return choice, packed
+
+    def _oriented(self, p: ParamOperand, mask: fx.Node, like: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """The parameter and its mask laid out ``[out, in]`` (views, no cast)."""
+        if self.masks[p.param][0].reduction_dim == 1:
+            return p.param, mask
+        return self._t(p.param, like), self._t(mask, like)
+
+    def _replace_forward(self, mm: Matmul, p: ParamOperand,
+                         mask: fx.Node) -> tuple[str, str]:
         like = mm.node
         with self.graph.inserting_before(like):
             if p.side == 1:  # x @ b, b = W^T or W: weight = b^T
@@ -331,15 +402,19 @@ class _Rewriter:
                 weight, x = mm.a, self._t(mm.b, like)
                 wmask = self._t(mask, like) if p.transposed else mask
             bias = mm.bias if p.side == 1 and _fusable_bias(mm) else None
-            out = self.edit.call(_LINEAR_FORWARD, [x, weight, wmask, bias], like=like)
+            choice, packed = self._kernel("forward", p, x, tuple(weight.meta["val"].shape))
+            if packed is not None:  # the kernel reads the compressed copy, not the cast weight
+                weight, wmask = self._oriented(p, mask, like)
+            out = self.edit.call(_LINEAR_FORWARD, [x, weight, wmask, bias, packed], like=like)
             if p.side == 0:
                 out = self._t(out, like)
             if mm.bias is not None and bias is None:
                 out = self.edit.call(aten.add.Tensor, [out, mm.bias], like=like)
         self._swap(mm.node, out)
-        return "nm.linear_forward" + (" (+bias)" if bias is not None else "")
+        return "nm.linear_forward" + (" (+bias)" if bias is not None else ""), choice.label
 
-    def _replace_grad_input(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
+    def _replace_grad_input(self, mm: Matmul, p: ParamOperand, mask: fx.Node,
+                            bimask: bool = False) -> tuple[str, str]:
         like = mm.node
         with self.graph.inserting_before(like):
             if p.side == 1:  # g @ b, b = W or W^T laid out [K, N]
@@ -348,11 +423,27 @@ class _Rewriter:
             else:  # a @ g = (g^T @ a^T)^T
                 weight, g = self._t(mm.a, like), self._t(mm.b, like)
                 wmask = mask if p.transposed else self._t(mask, like)
-            out = self.edit.call(_LINEAR_GRAD_INPUT, [g, weight, wmask], like=like)
+            shape = tuple(weight.meta["val"].shape)
+            if bimask:
+                choice = choose(self.config.kernels, "grad_input", device=g.meta["val"].device,
+                                dtype=g.meta["val"].dtype, m=shape[1], k=shape[0], n=0,
+                                blocker="Bi-Mask's backward mask is N:M only after a row "
+                                        "permutation")
+                packed = None
+            else:
+                choice, packed = self._kernel("grad_input", p, g, shape)
+            if packed is not None:
+                weight, wmask = self._oriented(p, mask, like)
+            out = self.edit.call(_LINEAR_GRAD_INPUT, [g, weight, wmask, packed], like=like)
             if p.side == 0:
                 out = self._t(out, like)
         self._swap(mm.node, out)
-        return "nm.linear_grad_input"
+        return "nm.linear_grad_input" + (" (bimask)" if bimask else ""), choice.label
+
+    def _sparse_mm(self, a: fx.Node, b: fx.Node, like: fx.Node) -> tuple[fx.Node, Choice]:
+        """``nm.sparse_mm(a, b)`` for the grad-weight GEMM, on the kernel :meth:`_kernel` picks."""
+        choice, _ = self._kernel("grad_weight", None, a, dense=b)
+        return self.edit.call(_SPARSE_MM, [a, b, choice.sparse], like=like), choice
 
     def _replace_mvue(self, mm: Matmul, side: int) -> str:
         cfg, like = self.config, mm.node
@@ -364,14 +455,14 @@ class _Rewriter:
         with self.graph.inserting_before(like):
             if side == 0:  # dY^T @ X: prune the left operand along its rows
                 pruned = self.edit.inline(prune, [mm.a], "mvue", like=like)
-                out = self.edit.call(_SPARSE_MM, [pruned, mm.b], like=like)
+                out, choice = self._sparse_mm(pruned, mm.b, like)
             else:  # X^T @ dY = (dY^T @ X)^T
                 grad_t = self._t(mm.b, like)
                 pruned = self.edit.inline(prune, [grad_t], "mvue", like=like)
-                out = self._t(self.edit.call(_SPARSE_MM, [pruned, self._t(mm.a, like)],
-                                             like=like), like)
+                out, choice = self._sparse_mm(pruned, self._t(mm.a, like), like)
+                out = self._t(out, like)
         self._swap(mm.node, out)
-        return f"nm.sparse_mm (dY mvue {n}:{m} {method})"
+        return f"nm.sparse_mm (dY mvue {n}:{m} {method})", choice.label
 
     def _replace_fst(self, mm: Matmul, side: int) -> str:
         """dY^T X -> (X_fst^T @ shift(dY))^T: X pruned by the fixed mask is the sparse operand."""
@@ -386,11 +477,11 @@ class _Rewriter:
             else:  # a = X^T [in, T], b = dY [T, out]
                 grad, x = mm.b, self._t(mm.a, like)
             x_t, shifted = self.edit.inline(operands, [grad, x], "fst", like=like)
-            out = self.edit.call(_SPARSE_MM, [x_t, shifted], like=like)  # [in, out] = dW^T
+            out, choice = self._sparse_mm(x_t, shifted, like)  # [in, out] = dW^T
             if side == 0:
                 out = self._t(out, like)
         self._swap(mm.node, out)
-        return f"nm.sparse_mm (X fst {n}:{m} + gradient shift)"
+        return f"nm.sparse_mm (X fst {n}:{m} + gradient shift)", choice.label
 
     def _mask_operand(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
         operand = mm.a if p.side == 0 else mm.b
@@ -405,7 +496,10 @@ class _Rewriter:
         self.graph.erase_node(old)
 
     def _record(self, mm: Matmul, role: str | None, p: ParamOperand | None, reason: str | None,
-                became: str | None = None) -> MatmulRecord:
+                became: str | tuple[str, str] | None = None) -> MatmulRecord:
+        kernel = None
+        if isinstance(became, tuple):
+            became, kernel = became
         shapes = tuple(tuple(int(s) for s in x.meta["val"].shape) for x in (mm.a, mm.b))
         return MatmulRecord(
             graph_id=self.graph_id,
@@ -416,6 +510,7 @@ class _Rewriter:
             became=became or _op_name(mm.node),
             sparse=reason is None,
             reason=reason,
+            kernel=kernel,
         )
 
 
@@ -428,6 +523,17 @@ def _fusable_bias(mm: Matmul) -> bool:
         return False
     val, out = mm.bias.meta["val"], mm.node.meta["val"]
     return val.dim() == 1 and val.shape[0] == out.shape[-1] and val.dtype == out.dtype
+
+
+class _External(NamedTuple):
+    """A parameter's tensors from outside the graph (:class:`nmcompile.state.MaskBank`)."""
+
+    mask: fx.Node
+    backward: fx.Node | None
+    packed: fx.Node | None  # compress(P*M), P as the parameter is laid out
+    packed_t: fx.Node | None  # compress((P*M)^T)
+    dtype: torch.dtype | None
+    pack_failure: str | None
 
 
 @dataclass(frozen=True)

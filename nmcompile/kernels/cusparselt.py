@@ -1,0 +1,185 @@
+"""Semi-structured (2:4) sparse GEMMs on NVIDIA sparse tensor cores through cuSPARSELt.
+
+The library is reached only as ``torch._cslt_compress`` and ``torch._cslt_sparse_mm``, looked up
+on ``torch`` at every call, so tests can put a model of the library in their place. What the
+two functions accept (torch 2.11–2.13 sources, ``aten/src/ATen/native/sparse/cuda/
+cuSPARSELtOps.cpp``, and ``torch/sparse/semi_structured.py``):
+
+* ``_cslt_compress(A)``: ``A`` 2-D, bf16 or fp16 (fp32 is compressed 1:2, not 2:4, so it is
+  never used here), at most 2 non-zeros in every aligned group of 4 along the LAST dim, which
+  becomes the reduction dim ``k``. Both dims >= 16 and multiples of 16. No stride check: a
+  non-contiguous input is read as if contiguous, so :func:`compress` always passes a contiguous
+  tensor. The result is an opaque blob (never reshaped or sliced here).
+* ``_cslt_sparse_mm(A_c, B, bias, transpose_result=...)`` = ``A @ B``: ``B`` is ``[k, n]``,
+  contiguous or exactly the transpose of a contiguous matrix (any other view is misread), both
+  dims multiples of 8; ``bias`` has one entry per row of ``A`` (``m``); with
+  ``transpose_result=True`` the result is a fresh contiguous ``(A @ B)^T`` of shape ``[n, m]``,
+  so the bias lands on its last dim. bf16 in, bf16 out, fp32 accumulation. ``alpha`` is never
+  passed (a one-element alpha is read with ``.item()``, a host sync) and ``alg_id`` stays 0
+  (non-zero ids gave wrong results on some shapes, pytorch/pytorch#155333).
+
+The three GEMMs of a linear layer ``Y = X W^T + b`` (``W`` is ``[out, in]``) map onto it as:
+
+==============  ======================================  ==========================================
+GEMM            call                                    compressed (sparse, LEFT) operand
+==============  ======================================  ==========================================
+forward         ``sparse_mm(c(W*M), X^T, b, T=True)``   ``W*M`` ``[out, in]``, 2:4 along in
+grad-input      ``sparse_mm(c((W*M)^T), dY^T, T=True)`` ``(W*M)^T`` ``[in, out]``, 2:4 along out
+grad-weight     ``sparse_mm(c(dY^T pruned), X)``        ``dY^T`` ``[out, tokens]``, 2:4 along tokens
+==============  ======================================  ==========================================
+
+``X^T`` and ``dY^T`` are transposed views of the contiguous activations (no copy). Token counts
+that are not multiples of 8 are padded with zero rows (exact: the padded outputs are dropped).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DENSE_ALIGN",
+    "ENV_ON_CPU",
+    "SPARSE_ALIGN",
+    "SPARSE_DTYPES",
+    "compress",
+    "dense_operand",
+    "device_reason",
+    "implies_2_4",
+    "linear_forward",
+    "linear_grad_input",
+    "runtime_version",
+    "sparse_mm",
+    "sparse_mm_reason",
+    "sparse_operand_reason",
+]
+
+#: Element types with 2:4 sparse tensor-core GEMMs in cuSPARSELt (fp32 is 1:2).
+SPARSE_DTYPES = (torch.bfloat16, torch.float16)
+#: Sparse operand: both dims multiples of (and at least) this many elements (16-bit types).
+SPARSE_ALIGN = 16
+#: Dense operand: both dims multiples of this many elements (16 bytes of a 16-bit type).
+DENSE_ALIGN = 8
+#: For tests only: ``1`` lets CPU tensors take the sparse-kernel path, through whatever
+#: ``torch._cslt_compress`` / ``torch._cslt_sparse_mm`` are at that moment (a model of them).
+ENV_ON_CPU = "NMCOMPILE_CSLT_ON_CPU"
+#: Oldest compute capability with sparse tensor cores (A100).
+MIN_CAPABILITY = (8, 0)
+
+
+def implies_2_4(n: int, m: int) -> bool:
+    """Whether every ``n:m`` pattern has at most 2 non-zeros in each aligned group of 4."""
+    if m % 4 == 0:
+        return n <= 2
+    return 4 % m == 0 and n * (4 // m) <= 2
+
+
+def device_reason(device: torch.device | str) -> str | None:
+    """Why the sparse kernels cannot serve tensors on ``device`` (``None``: they can)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if os.environ.get(ENV_ON_CPU) == "1":
+            return None
+        return "no sparse kernel on cpu (masked-dense emulation)"
+    if device.type != "cuda":
+        return f"no sparse kernel on {device.type}"
+    if not torch.backends.cusparselt.is_available():
+        return "this torch build has no cuSPARSELt"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return f"GPU compute capability {capability} has no sparse tensor cores (needs 8.0+)"
+    return None
+
+
+def sparse_operand_reason(rows: int, cols: int, dtype: torch.dtype) -> str | None:
+    """Why a ``[rows, cols]`` ``dtype`` matrix cannot be a compressed operand, or ``None``."""
+    if dtype not in SPARSE_DTYPES:
+        if dtype == torch.float32:
+            return ("float32 GEMM (cuSPARSELt's float32 sparsity is 1:2, not 2:4; use bf16/fp16 "
+                    "weights or torch.autocast)")
+        return f"{dtype} GEMM (2:4 kernels take bfloat16 and float16)"
+    if min(rows, cols) < SPARSE_ALIGN or rows % SPARSE_ALIGN or cols % SPARSE_ALIGN:
+        return (f"sparse operand {rows}x{cols}: cuSPARSELt needs both dims to be multiples of "
+                f"{SPARSE_ALIGN}")
+    return None
+
+
+def runtime_version() -> str:
+    """Version of the cuSPARSELt library torch loads: the installed ``nvidia-cusparselt-*``
+    package if any, else the version torch was built against."""
+    from importlib import metadata
+
+    for name in ("nvidia-cusparselt-cu13", "nvidia-cusparselt-cu12", "nvidia-cusparselt"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    built = torch.backends.cusparselt.version()
+    return f"built-{built}" if built is not None else "none"
+
+
+def compress(a: Tensor) -> Tensor:
+    """Compress ``a`` (2-D, 2:4 along dim 1, bf16/fp16) for :func:`torch._cslt_sparse_mm`.
+
+    Any layout is accepted: a non-contiguous ``a`` is copied first (the library would misread
+    it). Returns the library's opaque blob.
+    """
+    return torch._cslt_compress(a.contiguous())
+
+
+def dense_operand(b: Tensor) -> Tensor:
+    """``b`` in a layout ``_cslt_sparse_mm`` reads correctly: as is when it is contiguous or the
+    transpose of a contiguous matrix, else a contiguous copy."""
+    if b.is_contiguous() or b.t().is_contiguous():
+        return b
+    return b.contiguous()
+
+
+def _pad_rows(x: Tensor, multiple: int) -> Tensor:
+    extra = -x.shape[0] % multiple
+    if not extra:
+        return x
+    return torch.cat([x, x.new_zeros(extra, x.shape[1])])
+
+
+def _transposed_product(packed: Tensor, x: Tensor, bias: Tensor | None,
+                        features: int) -> Tensor:
+    """``(A @ x^T)^T`` for the compressed ``A`` (``features`` rows): ``x`` ``[..., k]``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    tokens = x2.shape[0]
+    padded = _pad_rows(x2, DENSE_ALIGN)
+    out = torch._cslt_sparse_mm(packed, dense_operand(padded.t()), bias, transpose_result=True)
+    if out.shape[0] != tokens:
+        out = out[:tokens]  # a prefix of rows of a contiguous tensor: still contiguous
+    return out.view(*x.shape[:-1], features)
+
+
+def linear_forward(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """``x @ (W*M)^T + bias`` from ``packed = compress(W*M)``: ``[..., in]`` to ``[..., out]``.
+
+    ``x`` is flattened to ``[tokens, in]`` without a copy when its layout allows; ``bias`` (if
+    any) has ``x``'s dtype and ``out_features`` entries.
+    """
+    return _transposed_product(packed, x, bias, out_features)
+
+
+def linear_grad_input(grad_out: Tensor, packed_t: Tensor, in_features: int) -> Tensor:
+    """``grad_out @ (W*M)`` from ``packed_t = compress((W*M)^T)``: ``[..., out]`` to
+    ``[..., in]``."""
+    return _transposed_product(packed_t, grad_out, None, in_features)
+
+
+def sparse_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``: ``a`` ``[M, K]`` is 2:4 along ``K`` (compressed here, at every call), ``b`` is
+    ``[K, N]``."""
+    return torch._cslt_sparse_mm(compress(a), dense_operand(b))
+
+
+def sparse_mm_reason(m: int, k: int, n: int, dtype: torch.dtype) -> str | None:
+    """Why ``a [m, k] @ b [k, n]`` cannot run in :func:`sparse_mm` (``None``: it can)."""
+    reason = sparse_operand_reason(m, k, dtype)
+    if reason is None and n % DENSE_ALIGN:
+        reason = f"dense operand {k}x{n}: cuSPARSELt needs multiples of {DENSE_ALIGN}"
+    return reason
