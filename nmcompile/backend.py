@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,9 +27,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .config import NMConfig
 from .dump import GraphDump
 from .kernels import autocast_dtypes, packing_dtype
-from .masking import MaskRecord, register
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
-from .state import MaskBank
+from .state import MaskBank, register_on_call
 
 __all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
@@ -62,20 +60,14 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     except ValueError as error:
         raise NMOptionError(str(error)) from None
     params = graph_parameters(gm, example_inputs, config)
-    real = real_parameters(gm, example_inputs, params)
-    refs = {pos: weakref.ref(value) for pos, value in real.items()}
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
     bank = mask_inputs = None
-    candidates = {pos: value for pos, value in real.items()
-                  if value.dim() == 2 and value.is_floating_point()}
+    candidates = {p.position: example_inputs[p.position] for p in params
+                  if example_inputs[p.position].dim() == 2
+                  and example_inputs[p.position].is_floating_point()}
     packing = _packing(config, gm, params, candidates)
     if config.masks_outside_graph or packing:
-        missing = sorted(p.name for p in params if p.position not in real)
-        if missing and config.masks_outside_graph:
-            raise NotImplementedError(
-                f"nm: masks solved outside the graph need the real parameters, but the "
-                f"graph was compiled with fake ones for {missing}")
         bank = MaskBank(config, candidates, packing)
         mask_inputs = bank.input_positions(len(example_inputs))
         gm = _append_inputs(gm, len(bank.tensors))
@@ -84,10 +76,6 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     def on_rewrite(before: str, after: str, rewrite: RewriteMatmuls) -> None:
         if bank is not None:
             bank.attach(rewrite.specs, rewrite.packed_used)
-        for position, spec in rewrite.specs.items():
-            param = refs[position]() if position in refs else None
-            if param is not None and bank is None:
-                register(param, MaskRecord(spec))
         if dump is not None:
             dump.write("joint_before.py", before)
             dump.write("joint_after.py", after)
@@ -98,7 +86,13 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                              bank.pack_failures if bank is not None else None)
     compile_graph = _compile_inductor if config.inductor else _compile_fx_only
     compiled = compile_graph(gm, example_inputs, rewrite, dump)
-    return _skip_fake_calls(bank, compiled) if bank is not None else compiled
+    if bank is not None:
+        wrapped = bank.wrap(compiled)
+        extra = bank.tensors
+    else:
+        wrapped = register_on_call(rewrite.specs, compiled)
+        extra = []
+    return _skip_fake_calls(wrapped, compiled, extra)
 
 
 def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],
@@ -118,15 +112,14 @@ def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],
     return plan
 
 
-def _skip_fake_calls(bank: MaskBank, compiled: Callable) -> Callable:
-    """``bank.wrap(compiled)``, except on fake inputs: DDPOptimizer runs each compiled piece
-    once on fake tensors to learn its outputs, and that call must not count as a step or
-    refresh the masks (a refresh under fake mode would leave the real masks unset)."""
-    wrapped = bank.wrap(compiled)
+def _skip_fake_calls(wrapped: Callable, compiled: Callable, extra: list) -> Callable:
+    """``wrapped``, except on fake inputs: DDPOptimizer runs each compiled piece once on fake
+    tensors to learn its outputs, and that call must not count as a step, refresh the masks or
+    register fake parameters; it gets the traced ``extra`` inputs instead."""
 
     def run(*args: Any) -> Any:
         if any(isinstance(a, FakeTensor) for a in args):
-            return compiled(*args, *bank.tensors)
+            return compiled(*args, *extra)
         return wrapped(*args)
 
     return run

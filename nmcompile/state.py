@@ -18,8 +18,7 @@ the same masks.
 from __future__ import annotations
 
 import logging
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,8 +42,8 @@ from .masking import (
 )
 from .ops.emulation import masked_weight
 
-__all__ = ["MaskBank", "load_mask_state_dict", "mask_state_dict", "masks", "stats",
-           "weight_token"]
+__all__ = ["MaskBank", "load_mask_state_dict", "mask_state_dict", "masks", "register_on_call",
+           "stats", "weight_token"]
 
 log = logging.getLogger(__name__)
 _PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()  # states loaded before compilation
@@ -73,17 +72,22 @@ def weight_token(param: torch.Tensor) -> tuple[int, int]:
 
 
 class MaskBank:
-    """The out-of-graph masks and compressed weights one compiled graph reads.
+    """The out-of-graph masks and compressed weights of the parameters one compiled graph reads.
 
-    Masks belong to parameters, not graphs: a second graph over the same parameter (a
-    recompile for new shapes, an eval graph) shares the first one's mask tensors, compressed
-    weights and counters.
+    The graph reads them as extra inputs, one slot per parameter position. Which tensors fill
+    the slots is decided at every call, from the parameters the call is given: a compiled graph
+    can serve several modules (Dynamo reuses it for every instance of a block class, and after
+    ``load_state_dict(assign=True)`` a module holds new Parameter objects), so masks belong to
+    parameters, kept in their :class:`MaskRecord`, never to the graph. A second graph over the
+    same parameter (a recompile for new shapes, an eval graph) shares its mask tensors,
+    compressed weights and counters.
 
     Args:
         config: the backend's resolved config.
-        params: graph input position -> parameter, for every parameter that may be masked.
+        params: graph input position -> parameter (or its fake value) for every parameter that
+            may be masked: the slots' shapes, dtypes and devices.
         packing: position -> dtype for the parameters whose GEMMs may run on the sparse kernel
-            (:func:`nmcompile.kernels.packing_dtype`): each gets two compressed-weight inputs,
+            (:func:`nmcompile.kernels.packing_dtype`): each gets two compressed-weight slots,
             ``compress(W*M)`` and ``compress((W*M)^T)`` in that dtype.
     """
 
@@ -91,44 +95,34 @@ class MaskBank:
                  packing: Mapping[int, torch.dtype] | None = None) -> None:
         watch_optimizer_steps()
         self.config = config
-        self._params = {pos: weakref.ref(p) for pos, p in params.items()}
         bimask = config.grad_input == "bimask"
+        #: the slots' tensors when the graph was traced; positions the graph does not mask keep
+        #: them at every call
         self.tensors: list[torch.Tensor] = []
         self._slots: dict[int, BankSlots] = {}
-        self._packs: dict[int, dict[bool, Pack]] = {}
+        self._examples: dict[int, dict[bool, Pack]] = {}
         #: position -> why its weight has no compressed copies although ``packing`` asked
         self.pack_failures: dict[int, str] = {}
         for pos, param in params.items():
-            fwd = self._add(torch.ones_like(param, dtype=torch.bool))
-            bwd = self._add(torch.ones_like(param, dtype=torch.bool)) if bimask else None
+            fwd = self._add(_new_mask(param))
+            bwd = self._add(_new_mask(param)) if bimask else None
             packed = packed_t = dtype = None
             if packing and pos in packing:
                 try:
-                    packs = {t: self._pack(param, packing[pos], t) for t in (False, True)}
+                    packs = {t: _new_pack(param, packing[pos], t) for t in (False, True)}
                 except Exception as error:  # noqa: BLE001  (the GEMMs then stay dense)
                     self.pack_failures[pos] = f"cannot compress the weight: {error}"
                 else:
-                    self._packs[pos] = packs
+                    self._examples[pos] = packs
                     dtype = packing[pos]
                     packed, packed_t = (self._add(packs[t].tensor) for t in (False, True))
             self._slots[pos] = BankSlots(fwd, bwd, packed, packed_t, dtype)
-        self.records: dict[int, MaskRecord] = {}
-        self._active: dict[int, list[Pack]] = {}
-        self._pending: list[tuple[MaskRecord, Mapping[str, Any]]] = []
+        self._specs: dict[int, tuple[MaskSpec, BackwardSpec | None, tuple[bool, ...]]] = {}
+        self._unadopted = set(self._slots)
 
     def _add(self, tensor: torch.Tensor) -> int:
         self.tensors.append(tensor)
         return len(self.tensors) - 1
-
-    @staticmethod
-    def _pack(param: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Pack:
-        known = record_of(param)
-        if known is not None and (dtype, transposed) in known.packs:
-            return known.packs[(dtype, transposed)]
-        shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
-        with torch.no_grad():
-            blob = cusparselt.compress(torch.zeros(shape, dtype=dtype, device=param.device))
-        return Pack(blob, dtype, transposed)
 
     def input_positions(self, first: int) -> dict[int, BankSlots]:
         """Parameter position -> graph input positions of its masks and compressed weights."""
@@ -140,74 +134,104 @@ class MaskBank:
 
     def attach(self, specs: Mapping[int, MaskSpec],
                packed_used: Mapping[int, set[bool]] | None = None) -> None:
-        """Adopt or create the records of the parameters the pass masked (called by the pass).
+        """Record what the pass made of each position (called by the pass).
 
-        ``packed_used``: position -> which compressed weights the graph reads (``False``:
-        ``compress(W*M)``, ``True``: ``compress((W*M)^T)``); only those are kept up to date.
+        ``specs``: the masked positions and their masks; ``packed_used``: position -> which
+        compressed weights the graph reads (``False``: ``compress(W*M)``, ``True``:
+        ``compress((W*M)^T)``); only those are kept up to date.
         """
         cfg = self.config
         for pos, spec in specs.items():
-            param = self._params[pos]()
-            slots = self._slots[pos]
-            fwd, bwd = slots.forward, slots.backward
             backward = None
-            if bwd is not None and spec.reduction_dim == 1:
+            if self._slots[pos].backward is not None and spec.reduction_dim == 1:
                 backward = BackwardSpec(cfg.n, cfg.m, cfg.bimask_candidates, cfg.bimask_method)
-            known = record_of(param) if param is not None else None
-            if (known is not None and known.forward is not None and known.spec == spec
-                    and known.backward_spec == backward):
-                record = known  # share the masks of another graph over this parameter
-                self.tensors[fwd] = record.forward
-                if bwd is not None and record.backward is not None:
-                    self.tensors[bwd] = record.backward
-            else:
-                record = MaskRecord(spec, backward, self.tensors[fwd],
-                                    None if bwd is None else self.tensors[bwd])
-            self.records[pos] = record
-            used = (packed_used or {}).get(pos, set())
-            if used:
-                packs = [self._packs[pos][t] for t in sorted(used)]
-                for pack in packs:
-                    record.packs[(pack.dtype, pack.transposed)] = pack
-                self._active[pos] = packs
-            if param is not None:
-                register(param, record)
-                if param in _PENDING:  # applied at the first call: we are inside tracing here
-                    self._pending.append((record, _PENDING.pop(param)))
+            self._specs[pos] = (spec, backward, tuple(sorted((packed_used or {}).get(pos, ()))))
 
-    def before_call(self) -> None:
-        """Count optimizer steps; refresh the masks that are due; compress the weights that
-        changed since they were last compressed."""
-        while self._pending:
-            _load_record(*self._pending.pop())
-        for pos, record in self.records.items():
-            param = self._params[pos]()
-            if param is None:
-                continue
+    def _record(self, pos: int, param: torch.Tensor) -> MaskRecord:
+        """The record of ``param`` for this graph's position ``pos`` (created at first sight)."""
+        spec, backward, used = self._specs[pos]
+        record = record_of(param)
+        if (record is None or record.forward is None or record.spec != spec
+                or record.backward_spec != backward):
+            slots, examples = self._slots[pos], self._examples.get(pos, {})
+            example = self.tensors[slots.forward]
+            # the first parameter seen at a position takes the tensors the graph was traced with
+            adopt = pos in self._unadopted and example.shape == param.shape
+            self._unadopted.discard(pos)
+            record = MaskRecord(
+                spec, backward, example if adopt else _new_mask(param),
+                None if backward is None else (
+                    self.tensors[slots.backward] if adopt else _new_mask(param)))
+            if adopt:
+                record.packs.update({(p.dtype, p.transposed): p for p in examples.values()})
+            register(param, record)
+            if param in _PENDING:
+                _load_record(record, _PENDING.pop(param))
+        for transposed in used:
+            key = (self._slots[pos].dtype, transposed)
+            if key not in record.packs:
+                record.packs[key] = _new_pack(param, *key)
+        return record
+
+    def inputs(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        """The extra graph inputs for a call with ``args``: count optimizer steps, refresh the
+        masks that are due and compress the weights that changed since they were last
+        compressed, for the parameters this call is given."""
+        tensors = list(self.tensors)
+        for pos, (_, _, used) in self._specs.items():
+            param, slots = args[pos], self._slots[pos]
+            record = self._record(pos, param)
             _observe(record, param)
             if record.refreshes == 0 or record.steps >= self.config.mask_interval:
                 _refresh(record, param)
-        for pos, packs in self._active.items():
-            param, record = self._params[pos](), self.records[pos]
-            if param is None:
-                continue
+            tensors[slots.forward] = record.forward
+            if slots.backward is not None and record.backward is not None:
+                tensors[slots.backward] = record.backward
             token = (record.version, record.epoch)
-            for pack in packs:
+            for transposed in used:
+                pack = record.packs[(slots.dtype, transposed)]
                 if pack.token != token:
                     _compress(pack, param, record.forward)
                     pack.token = token
+                tensors[slots.packed_t if transposed else slots.packed] = pack.tensor
+        return tensors
 
     def wrap(self, compiled: Callable) -> Callable:
-        """The callable Dynamo runs: refresh if due, then call the graph with the masks.
-
-        ``compiled`` takes its inputs unboxed, as AOTAutograd's result for a Dynamo graph does.
-        """
+        """The callable Dynamo runs: the graph, called with this call's masks and compressed
+        weights after them. ``compiled`` takes its inputs unboxed, as AOTAutograd's result for
+        a Dynamo graph does."""
 
         def run(*args: Any) -> Any:
-            self.before_call()
-            return compiled(*args, *self.tensors)
+            return compiled(*args, *self.inputs(args))
 
         return run
+
+
+def _new_mask(param: torch.Tensor) -> torch.Tensor:
+    return torch.ones(param.shape, dtype=torch.bool, device=param.device)
+
+
+def _new_pack(param: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Pack:
+    """An empty compressed-weight buffer for ``param`` (its size is the library's)."""
+    shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
+    with torch.no_grad():
+        blob = cusparselt.compress(torch.zeros(shape, dtype=dtype, device=param.device))
+    return Pack(blob, dtype, transposed)
+
+
+def register_on_call(specs: Mapping[int, MaskSpec], compiled: Callable) -> Callable:
+    """Wrap a graph that computes its masks itself so that every parameter it is called with
+    gets a record (``nmcompile.masks`` lists it), whichever module it belongs to."""
+
+    def run(*args: Any) -> Any:
+        for pos, spec in specs.items():
+            param = args[pos]
+            record = record_of(param)
+            if record is None or record.spec != spec:
+                register(param, MaskRecord(spec))
+        return compiled(*args)
+
+    return run
 
 
 def _observe(record: MaskRecord, param: torch.Tensor) -> None:
