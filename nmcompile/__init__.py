@@ -7,6 +7,7 @@ of every linear layer of the training graph; see :mod:`nmcompile.backend`.
 from . import ops  # noqa: F401  (registers the nm:: custom ops)
 from .config import NMConfig
 from .dump import format_table, read_summary
+from .inference import to_semi_structured
 from .masking import MaskSpec, MaskStats
 from .state import load_mask_state_dict, mask_state_dict, masks, stats
 
@@ -21,6 +22,7 @@ __all__ = [
     "nm_backend",
     "read_summary",
     "stats",
+    "to_semi_structured",
 ]
 
 

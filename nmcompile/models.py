@@ -30,6 +30,9 @@ class GPTConfig:
     n_head: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
+    #: ``True``: attention through ``F.scaled_dot_product_attention`` (flash attention on a
+    #: GPU) instead of explicit matmuls; for benchmarks at GPT-2 sizes.
+    sdpa: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
@@ -42,6 +45,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.n_head = cfg.n_head
+        self.sdpa = cfg.sdpa
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         mask = torch.tril(torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool))
@@ -51,6 +55,9 @@ class CausalSelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q, k, v = (y.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for y in (q, k, v))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(b, t, d))
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.n_head)
         scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
         y = scores.softmax(dim=-1) @ v

@@ -243,6 +243,7 @@ def _observe(record: MaskRecord, param: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+@torch.profiler.record_function("nm::compress_weight")
 def _compress(pack: Pack, param: torch.Tensor, mask: torch.Tensor) -> None:
     """Write the compressed masked weight into ``pack`` (in place: its tensor is a graph input)."""
     masked = masked_weight(param.detach().to(pack.dtype), mask)
@@ -251,6 +252,7 @@ def _compress(pack: Pack, param: torch.Tensor, mask: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+@torch.profiler.record_function("nm::refresh_mask")
 def _refresh(record: MaskRecord, param: torch.Tensor) -> None:
     """Solve the mask from the current weight and record its stats."""
     mask = compute_mask(param.detach(), record.spec)

@@ -150,6 +150,8 @@ def _transposed_product(packed: Tensor, x: Tensor, bias: Tensor | None,
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     padded = _pad_rows(x2, DENSE_ALIGN)
+    if bias is not None:
+        bias = bias.contiguous()  # the library takes a bare pointer
     out = torch._cslt_sparse_mm(packed, dense_operand(padded.t()), bias, transpose_result=True)
     if out.shape[0] != tokens:
         out = out[:tokens]  # a prefix of rows of a contiguous tensor: still contiguous
