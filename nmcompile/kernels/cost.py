@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from . import cusparselt
 
@@ -58,6 +59,7 @@ __all__ = [
     "default_rule",
     "device_key",
     "measure",
+    "timer",
     "using",
 ]
 
@@ -174,7 +176,9 @@ class CostRule:
         table = self._memory.setdefault(self.key_fn(device), {})
         if shape.key() not in table:
             try:
-                found = self.measure_fn(device, shape)
+                # real tensors, whatever tracing is going on (the pass runs under fake mode)
+                with _disable_current_modes(), torch.no_grad():
+                    found = self.measure_fn(device, shape)
             except Exception as error:  # noqa: BLE001  (any failure means: stay dense)
                 found = Measurement(failure=f"{type(error).__name__}: {error}")
             table[shape.key()] = found
@@ -250,7 +254,7 @@ def judge(shape: GemmShape, found: Measurement) -> Verdict:
 
 # -- measuring on the device -----------------------------------------------------------------
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
     """Median milliseconds per call of ``fn``: rounds of back-to-back calls between two CUDA
     events after a warm-up, so a call costs the larger of its host and device time, as in a
     training step whose launches queue ahead of the GPU."""
@@ -331,7 +335,7 @@ def measure(device: torch.device, shape: GemmShape) -> Measurement:
             return Measurement(failure=f"{type(error).__name__}: {error}")
         dense_error = _relative_error(dense(), ref)
         del ref, got
-        time_ms = _timer(device)
+        time_ms = timer(device)
         return Measurement(
             sparse_ms=time_ms(sparse),
             compress_ms=time_ms(lambda: cusparselt.compress(a)),

@@ -1,0 +1,146 @@
+"""The cost rule: decisions, reasons and the on-disk cache, with a timing table supplied by the
+test; and a compiled graph under ``kernels="auto"``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nmcompile
+from nmcompile.kernels import cost
+
+CPU = torch.device("cpu")
+
+
+def _table(speedups: dict[str, float], failures: dict[str, str] | None = None,
+           errors: dict[str, float] | None = None):
+    """A measure_fn: speed-up by role (dense 1 ms), or a failure / an error by role."""
+    calls = []
+
+    def measure(device, shape):
+        calls.append(shape)
+        if failures and shape.role in failures:
+            raise RuntimeError(failures[shape.role])
+        sparse_ms = 1.0 / speedups[shape.role]
+        return cost.Measurement(sparse_ms=sparse_ms * 0.9, compress_ms=sparse_ms * 0.1,
+                                dense_ms=1.0, dense_error=2e-3,
+                                sparse_error=(errors or {}).get(shape.role, 2.5e-3))
+
+    measure.calls = calls
+    return measure
+
+
+def _shape(role="forward", m=4096, k=4096, n=512):
+    return cost.GemmShape(role, m, k, n, torch.bfloat16)
+
+
+def test_decisions_and_reasons(tmp_path):
+    table = _table({"forward": 1.4, "grad_input": 0.87, "grad_weight": 1.2},
+                   errors={"grad_weight": 0.5})
+    rule = cost.CostRule(table, path=tmp_path / "c.json")
+    fast = rule.decide(CPU, _shape("forward"))
+    assert fast.sparse and fast.reason is None and fast.speedup == pytest.approx(1.4)
+    slow = rule.decide(CPU, _shape("grad_input"))
+    assert not slow.sparse
+    assert slow.reason == "dense: cost rule (sparse 0.87x at 4096x4096x512 bf16)"
+    wrong = rule.decide(CPU, _shape("grad_weight"))
+    assert not wrong.sparse and wrong.reason.startswith(
+        "dense: sparse kernel failed its self-check: relative error 0.5 against 0.002")
+    assert len(table.calls) == 3
+    rule.decide(CPU, _shape("forward"))
+    assert len(table.calls) == 3  # measured once per shape
+
+
+def test_speedup_threshold_and_failures(tmp_path):
+    rule = cost.CostRule(_table({"forward": cost.MIN_SPEEDUP - 0.01, "grad_input": 1.0},
+                                failures={"grad_weight": "CUDA error: misaligned address"}),
+                         path=None)
+    assert not rule.decide(CPU, _shape("forward")).sparse
+    failed = rule.decide(CPU, _shape("grad_weight"))
+    assert failed.reason == ("dense: sparse kernel failed its self-check: "
+                             "RuntimeError: CUDA error: misaligned address")
+    nan = cost.judge(_shape(), cost.Measurement(1, 0, 1, float("nan"), 1e-3))
+    assert not nan.sparse and "self-check" in nan.reason
+
+
+def test_cache_is_written_read_back_and_validated(tmp_path):
+    path = tmp_path / "c.json"
+    first = _table({"forward": 1.5, "grad_input": 1.3, "grad_weight": 0.9})
+    rule = cost.CostRule(first, path=path, key_fn=lambda d: "H200 | torch x | cusparselt y")
+    for role in ("forward", "grad_input", "grad_weight"):
+        rule.decide(CPU, _shape(role))
+    saved = json.loads(path.read_text())
+    assert saved["format"] == cost.FORMAT
+    assert set(saved["devices"]["H200 | torch x | cusparselt y"]) == {
+        "bfloat16/forward/4096/4096/512", "bfloat16/grad_input/4096/4096/512",
+        "bfloat16/grad_weight/4096/4096/512"}
+
+    second = _table({"forward": 0.1, "grad_input": 0.1, "grad_weight": 0.1})
+    again = cost.CostRule(second, path=path, key_fn=lambda d: "H200 | torch x | cusparselt y")
+    assert again.decide(CPU, _shape("forward")).sparse  # from the file, not re-measured
+    assert second.calls == []
+    other = cost.CostRule(second, path=path, key_fn=lambda d: "H100 | torch x | cusparselt y")
+    assert not other.decide(CPU, _shape("forward")).sparse  # another GPU: measured
+    assert len(second.calls) == 1
+
+    data = json.loads(path.read_text())
+    data["devices"]["H200 | torch x | cusparselt y"]["bfloat16/forward/4096/4096/512"][
+        "dense_ms"] = "fast"
+    path.write_text(json.dumps(data))
+    third = _table({"forward": 0.5, "grad_input": 1.3, "grad_weight": 0.9})
+    with pytest.warns(RuntimeWarning, match="1 malformed entries"):
+        rule = cost.CostRule(third, path=path, key_fn=lambda d: "H200 | torch x | cusparselt y")
+        assert not rule.decide(CPU, _shape("forward")).sparse  # the bad entry was measured again
+    assert len(third.calls) == 1
+
+    path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="ignoring the cost-rule cache"):
+        rule = cost.CostRule(third, path=path)
+        rule.decide(CPU, _shape("grad_input"))
+    json.loads(path.read_text())  # rewritten whole
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 256)
+        self.down = nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+def test_auto_follows_the_cost_rule_in_a_compiled_graph(cslt, tmp_path):
+    """forward measured 1.4x -> cuSPARSELt; grad-input 0.8x -> dense with the reason."""
+    table = _table({"forward": 1.4, "grad_input": 0.8, "grad_weight": 1.0})
+    model = Mlp().bfloat16()
+    dump = tmp_path / "dump"
+    with cost.using(cost.CostRule(table, path=None)):
+        compiled = torch.compile(model, backend="nm", options={
+            "inductor": False, "min_numel": 0, "dump_dir": str(dump)})
+        x = torch.randn(2, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+        compiled(x).float().sum().backward()
+    rows = {(r["role"], r["param"]): r for r in nmcompile.read_summary(dump)["matmuls"]}
+    assert rows[("forward", "up.weight")]["kernel"] == "cuSPARSELt (1.40x)"
+    assert rows[("grad_input", "down.weight")]["kernel"] == (
+        "dense: cost rule (sparse 0.80x at 256x64x32 bf16)")
+    shapes = {(s.role, s.m, s.k, s.n) for s in table.calls}
+    assert ("forward", 256, 64, 32) in shapes and ("grad_input", 64, 256, 32) in shapes
+    # forward GEMMs ran on the kernel (2 calls), grad-input GEMMs did not
+    assert cslt.mm_calls == 2
+
+
+def test_default_measurement_runs_inside_compilation(cslt, tmp_path):
+    """The pass runs under fake tensors: the measurement must still use real ones."""
+    dump = tmp_path / "dump"
+    with cost.using(cost.CostRule(path=tmp_path / "c.json")):
+        compiled = torch.compile(Mlp().bfloat16(), backend="nm", options={
+            "inductor": False, "min_numel": 0, "dump_dir": str(dump)})
+        compiled(torch.randn(32, 64, dtype=torch.bfloat16)).float().sum().backward()
+    kernels = [r["kernel"] for r in nmcompile.read_summary(dump)["matmuls"] if r["kernel"]]
+    assert kernels and not any("failed its self-check" in k for k in kernels), kernels
+    assert all(k.startswith(("cuSPARSELt (", "dense: cost rule (sparse ")) for k in kernels)
