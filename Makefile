@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast demo bench lint clean gpu-check
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compile.py
+
+# On a GPU machine with torch preinstalled and no network (wheels in ./.whl, fetched beforehand
+# with ../shared/tools/gpu-wheels.sh): facts, CUDA tests and the quick GPU benchmark into OUT.
+OUT ?= gpu_check_out
+gpu-check:
+	bash scripts/gpu-check.sh $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

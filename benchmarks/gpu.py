@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-model", action="store_true",
                         help="compile the GPT-2 model whole instead of block by block")
     parser.add_argument("--parts", default="gemm,ffn,step", help="comma-separated parts")
+    parser.add_argument("--dump", default=None,
+                        help="folder for the nm dumps (default: OUT/nm_dump)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global DEVICE, DUMPS
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    DUMPS = out / "nm_dump"
+    DUMPS = Path(args.dump) if args.dump else out / "nm_dump"
     command = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = _environment(command.strip())
     parts = set(args.parts.split(","))

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The project's one prepared GPU run: `make gpu-check OUT=DIR` (or `bash scripts/gpu-check.sh DIR`)
+# on a machine with an NVIDIA GPU, torch preinstalled and no network.
+#
+#   1. installs what the machine lacks from ./.whl (fetched beforehand with
+#      ../shared/tools/gpu-wheels.sh) into a private folder, never touching torch, and makes
+#      this checkout importable as nmcompile with its `nm` backend entry point;
+#   2. prints the facts the kernels rely on (benchmarks/gpu_facts.py -> DIR/facts.json);
+#   3. runs the CUDA tests (tests/cuda -> DIR/tests.log);
+#   4. runs benchmarks/gpu.py --quick (DIR/bench.log, DIR/gpu.json, DIR/cost_rule.json,
+#      DIR/step_summary.txt).
+# Without a GPU it stops after step 2 with exit code 3. Stage time limits (seconds):
+# TEST_TIMEOUT (default 150), BENCH_TIMEOUT (default 240).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-gpu_check_out}}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+log() { echo "gpu-check: $*" | tee -a "$OUT/check.log"; }
+: > "$OUT/check.log"
+
+site=${NMCOMPILE_GPU_SITE:-/tmp/nmcompile-site}
+mkdir -p "$site"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$site" .whl/*.whl 2>&1 | tail -n 5 | tee -a "$OUT/check.log"
+fi
+# the `nm` backend's entry point, for this checkout (no build, no install into the environment)
+dist="$site/nmcompile-0.0.0+checkout.dist-info"
+mkdir -p "$dist"
+printf 'Metadata-Version: 2.1\nName: nmcompile\nVersion: 0.0.0+checkout\n' > "$dist/METADATA"
+printf '[torch_dynamo_backends]\nnm = nmcompile.backend:nm_backend\n' > "$dist/entry_points.txt"
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+export NMCOMPILE_CACHE_DIR=${NMCOMPILE_CACHE_DIR:-$(mktemp -d)}
+export PYTHONUNBUFFERED=1
+
+if ! "$PY" -c "import torch, ortools, nmcompile; assert 'nm' in torch._dynamo.list_backends()" \
+    2>> "$OUT/check.log"; then
+  log "cannot import torch, ortools and nmcompile (with its nm backend); run"
+  log "../shared/tools/gpu-wheels.sh in this checkout first (it fills ./.whl)"
+  exit 1
+fi
+log "$("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
+
+start=$SECONDS
+"$PY" benchmarks/gpu_facts.py --out "$OUT" > "$OUT/facts.log" 2>&1
+facts_rc=$?
+cat "$OUT/facts.log"
+if [ "$facts_rc" -eq 3 ]; then
+  log "no CUDA GPU visible: stopping before the CUDA tests and the benchmark"
+  exit 3
+fi
+log "facts: exit $facts_rc in $((SECONDS - start)) s"
+
+start=$SECONDS
+timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/cuda \
+  > "$OUT/tests.log" 2>&1
+tests_rc=$?
+tail -n 40 "$OUT/tests.log"
+log "CUDA tests: exit $tests_rc in $((SECONDS - start)) s"
+
+start=$SECONDS
+timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/gpu.py --quick --out "$OUT" \
+  --dump "$NMCOMPILE_CACHE_DIR/nm_dump" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+tail -n 60 "$OUT/bench.log"
+log "benchmark: exit $bench_rc in $((SECONDS - start)) s"
+cp "$NMCOMPILE_CACHE_DIR/cost_rule.json" "$OUT/" 2>/dev/null
+summary="$NMCOMPILE_CACHE_DIR/nm_dump/step_nm_auto/summary.txt"
+[ -f "$summary" ] && cp "$summary" "$OUT/step_summary.txt"
+
+for rc in $facts_rc $tests_rc $bench_rc; do
+  [ "$rc" -ne 0 ] && exit "$rc"
+done
+exit 0
