@@ -241,32 +241,43 @@ def bench_ffn(d_list: list[int], tokens: int, configs: dict, steps: int) -> list
         gen = torch.Generator(DEVICE).manual_seed(1)
         x = torch.randn(tokens, d, generator=gen, device=DEVICE).to(BF16).requires_grad_()
         g = torch.randn(tokens, d, generator=gen, device=DEVICE).to(BF16)
-        for name, (backend, options) in configs.items():
+        for name, (backend, kwargs) in configs.items():
             torch._dynamo.reset()
             model = copy.deepcopy(base)
-            options = _with_dump(backend, options, f"ffn_d{d}_{name}")
-            compiled = torch.compile(model, backend=backend, options=options)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-6, foreach=True)
-            row = _run_config(name, compiled, (x, g), opt, 3, steps,
-                              profile_it=backend == "nm", accumulate=True)
+            kwargs = _with_dump(backend, kwargs, f"ffn_d{d}_{name}")
+            try:
+                compiled = torch.compile(model, backend=backend, **kwargs)
+                opt = torch.optim.SGD(model.parameters(), lr=1e-6, foreach=True)
+                row = _run_config(name, compiled, (x, g), opt, 3, steps,
+                                  profile_it=backend == "nm", accumulate=True)
+            except Exception as error:  # noqa: BLE001  (report it, go on with the others)
+                row = _failed(name, error)
             row.update(d_model=d, tokens=tokens)
             if backend == "nm":
-                row["kernels"] = _kernel_summary(options["dump_dir"])
+                row["kernels"] = _kernel_summary(kwargs["options"]["dump_dir"])
             rows.append(row)
-            print(f"  ffn d={d} {name}: {row['step_ms']:.3f} ms/step", flush=True)
-            del model, compiled, opt
+            print(f"  ffn d={d} {name}: {row.get('step_ms', 'failed')} ms/step", flush=True)
+            del model
             _free()
     return rows
+
+
+def _failed(name: str, error: Exception) -> dict:
+    import traceback
+
+    traceback.print_exc()
+    return {"config": name, "error": f"{type(error).__name__}: {error}"[:2000]}
 
 
 DUMPS = Path("gpu_bench_out") / "nm_dump"
 
 
-def _with_dump(backend: str, options: dict | None, name: str) -> dict | None:
+def _with_dump(backend: str, kwargs: dict, name: str) -> dict:
+    """``torch.compile`` keyword arguments, with a dump folder of its own for an nm config."""
     if backend != "nm":
-        return options
+        return kwargs
     safe = "".join(c if c.isalnum() else "_" for c in name)
-    return {**(options or {}), "dump_dir": str(DUMPS / safe)}
+    return {**kwargs, "options": {**kwargs.get("options", {}), "dump_dir": str(DUMPS / safe)}}
 
 
 def _kernel_summary(dump: str) -> dict:
@@ -291,26 +302,29 @@ def bench_step(configs: dict, batch: int, steps: int, whole_model: bool,
     base = TinyGPT(cfg).to(DEVICE, BF16)
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=DEVICE)
     rows = []
-    for name, (backend, options) in configs.items():
+    for name, (backend, kwargs) in configs.items():
         torch._dynamo.reset()
         model = copy.deepcopy(base)
-        options = _with_dump(backend, options, f"step_{name}")
-        if whole_model:
-            compiled = torch.compile(model, backend=backend, options=options)
-        else:
-            for block in model.blocks:
-                block.compile(backend=backend, options=options)
-            compiled = model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE.type == "cuda")
-        row = _run_config(name, compiled, (idx, idx), opt, 3, steps, profile_it=True)
+        kwargs = _with_dump(backend, kwargs, f"step_{name}")
+        try:
+            if whole_model:
+                compiled = torch.compile(model, backend=backend, **kwargs)
+            else:
+                for block in model.blocks:
+                    block.compile(backend=backend, **kwargs)
+                compiled = model
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=DEVICE.type == "cuda")
+            row = _run_config(name, compiled, (idx, idx), opt, 3, steps, profile_it=True)
+        except Exception as error:  # noqa: BLE001  (report it, go on with the others)
+            row = _failed(name, error)
         row.update(batch=batch, tokens=batch * cfg.seq_len, n_layer=cfg.n_layer,
                    params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                    compile="whole model" if whole_model else "per block")
         if backend == "nm":
-            row["kernels"] = _kernel_summary(options["dump_dir"])
+            row["kernels"] = _kernel_summary(kwargs["options"]["dump_dir"])
         rows.append(row)
-        print(f"  step {name}: {row['step_ms']:.2f} ms/step", flush=True)
-        del model, compiled, opt
+        print(f"  step {name}: {row.get('step_ms', 'failed')} ms/step", flush=True)
+        del model
         _free()
     return rows
 
@@ -342,7 +356,7 @@ def _environment(command: str) -> dict:
 
 
 def _ratio(rows: list[dict], dense: str, sparse: str, key: str = "step_ms") -> float | None:
-    by = {r["config"]: r for r in rows}
+    by = {r["config"]: r for r in rows if "error" not in r}
     if dense in by and sparse in by and key in by[dense] and key in by[sparse]:
         return by[dense][key] / by[sparse][key]
     return None
@@ -392,13 +406,13 @@ def main(argv: list[str] | None = None) -> int:
                                            "dense_ms", "sparse_ms", "speedup", "rel_diff")}
                         for r in result["gemms"]], headers="keys", floatfmt=".3f"))
     ffn_configs = {
-        "dense (inductor)": ("inductor", None),
-        "nm auto": ("nm", {"kernels": "auto"}),
-        "nm auto + mvue": ("nm", {"kernels": "auto", "grad_weight": "mvue"}),
+        "dense (inductor)": ("inductor", {}),
+        "nm auto": ("nm", {"options": {"kernels": "auto"}}),
+        "nm auto + mvue": ("nm", {"options": {"kernels": "auto", "grad_weight": "mvue"}}),
     }
     if not args.quick:
-        ffn_configs["nm sparse"] = ("nm", {"kernels": "sparse"})
-        ffn_configs["nm emulate"] = ("nm", {"kernels": "emulate"})
+        ffn_configs["nm sparse"] = ("nm", {"options": {"kernels": "sparse"}})
+        ffn_configs["nm emulate"] = ("nm", {"options": {"kernels": "emulate"}})
     if "ffn" in parts:
         dims = [2048] if args.quick else [1024, 2048, 4096]
         tokens, target_d = (16384, 2048) if not args.smoke else (64, 32)
@@ -414,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
                                                "compile_s", "peak_mem_gb")}
                         for r in result["ffn"]], headers="keys", floatfmt=".3f"))
     if "step" in parts:
-        step_configs = {"dense (inductor)": ("inductor", None), "nm auto": ("nm", None)}
+        step_configs = {"dense (inductor)": ("inductor", {}), "nm auto": ("nm", {})}
+        if DEVICE.type == "cuda":  # CUDA graphs: no host overhead per kernel launch
+            step_configs["dense (reduce-overhead)"] = ("inductor", {"mode": "reduce-overhead"})
+            step_configs["nm auto (reduce-overhead)"] = (
+                "nm", {"options": {"mode": "reduce-overhead"}})
         cfg = GPT2_MEDIUM
         if args.smoke:
             cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_layer=2, n_head=2,
@@ -423,11 +441,14 @@ def main(argv: list[str] | None = None) -> int:
                                     steps=10 if args.quick else 20,
                                     whole_model=args.whole_model, cfg=cfg)
         result["step_speedup"] = _ratio(result["step"], "dense (inductor)", "nm auto")
+        result["step_speedup_cudagraphs"] = _ratio(
+            result["step"], "dense (reduce-overhead)", "nm auto (reduce-overhead)")
         save()
         print(tabulate([{k: r.get(k) for k in ("config", "tokens", "step_ms", "compile_s",
                                                "peak_mem_gb")}
                         for r in result["step"]], headers="keys", floatfmt=".3f"))
-    for key in ("ffn_speedup", "ffn_speedup_mvue", "ffn_microstep_speedup", "step_speedup"):
+    for key in ("ffn_speedup", "ffn_speedup_mvue", "ffn_microstep_speedup", "step_speedup",
+                "step_speedup_cudagraphs"):
         if result.get(key) is not None:
             print(f"{key}: {result[key]:.3f}x")
     save()
