@@ -409,10 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         "dense (inductor)": ("inductor", {}),
         "nm auto": ("nm", {"options": {"kernels": "auto"}}),
         "nm auto + mvue": ("nm", {"options": {"kernels": "auto", "grad_weight": "mvue"}}),
+        "nm sparse": ("nm", {"options": {"kernels": "sparse"}}),
+        "nm sparse + mvue": ("nm", {"options": {"kernels": "sparse", "grad_weight": "mvue"}}),
+        "nm emulate": ("nm", {"options": {"kernels": "emulate"}}),
     }
-    if not args.quick:
-        ffn_configs["nm sparse"] = ("nm", {"options": {"kernels": "sparse"}})
-        ffn_configs["nm emulate"] = ("nm", {"options": {"kernels": "emulate"}})
     if "ffn" in parts:
         dims = [2048] if args.quick else [1024, 2048, 4096]
         tokens, target_d = (16384, 2048) if not args.smoke else (64, 32)
@@ -423,16 +423,20 @@ def main(argv: list[str] | None = None) -> int:
         result["ffn_speedup_mvue"] = _ratio(target, "dense (inductor)", "nm auto + mvue")
         result["ffn_microstep_speedup"] = _ratio(target, "dense (inductor)", "nm auto",
                                                  "microstep_ms")
+        result["ffn_speedup_sparse"] = _ratio(target, "dense (inductor)", "nm sparse")
+        result["ffn_microstep_speedup_sparse"] = _ratio(target, "dense (inductor)", "nm sparse",
+                                                        "microstep_ms")
         save()
         print(tabulate([{k: r.get(k) for k in ("d_model", "config", "step_ms", "microstep_ms",
                                                "compile_s", "peak_mem_gb")}
                         for r in result["ffn"]], headers="keys", floatfmt=".3f"))
     if "step" in parts:
-        step_configs = {"dense (inductor)": ("inductor", {}), "nm auto": ("nm", {})}
+        step_configs = {"dense (inductor)": ("inductor", {}), "nm auto": ("nm", {}),
+                        "nm sparse": ("nm", {"options": {"kernels": "sparse"}})}
         if DEVICE.type == "cuda":  # CUDA graphs: no host overhead per kernel launch
             step_configs["dense (reduce-overhead)"] = ("inductor", {"mode": "reduce-overhead"})
-            step_configs["nm auto (reduce-overhead)"] = (
-                "nm", {"options": {"mode": "reduce-overhead"}})
+            step_configs["nm sparse (reduce-overhead)"] = (
+                "nm", {"options": {"kernels": "sparse", "mode": "reduce-overhead"}})
         cfg = GPT2_MEDIUM
         if args.smoke:
             cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_layer=2, n_head=2,
@@ -441,14 +445,16 @@ def main(argv: list[str] | None = None) -> int:
                                     steps=10 if args.quick else 20,
                                     whole_model=args.whole_model, cfg=cfg)
         result["step_speedup"] = _ratio(result["step"], "dense (inductor)", "nm auto")
+        result["step_speedup_sparse"] = _ratio(result["step"], "dense (inductor)", "nm sparse")
         result["step_speedup_cudagraphs"] = _ratio(
-            result["step"], "dense (reduce-overhead)", "nm auto (reduce-overhead)")
+            result["step"], "dense (reduce-overhead)", "nm sparse (reduce-overhead)")
         save()
         print(tabulate([{k: r.get(k) for k in ("config", "tokens", "step_ms", "compile_s",
                                                "peak_mem_gb")}
                         for r in result["step"]], headers="keys", floatfmt=".3f"))
-    for key in ("ffn_speedup", "ffn_speedup_mvue", "ffn_microstep_speedup", "step_speedup",
-                "step_speedup_cudagraphs"):
+    for key in ("ffn_speedup", "ffn_speedup_mvue", "ffn_microstep_speedup",
+                "ffn_speedup_sparse", "ffn_microstep_speedup_sparse", "step_speedup",
+                "step_speedup_sparse", "step_speedup_cudagraphs"):
         if result.get(key) is not None:
             print(f"{key}: {result[key]:.3f}x")
     save()

@@ -24,6 +24,7 @@ __all__ = [
     "Pack",
     "compute_backward_mask",
     "compute_mask",
+    "LazyStats",
     "mask_stats",
     "record_of",
     "register",
@@ -114,7 +115,7 @@ class MaskRecord:
     forward: torch.Tensor | None = None
     backward: torch.Tensor | None = None
     previous: torch.Tensor | None = None
-    stats: MaskStats | None = None
+    stats: LazyStats | None = None
     refreshes: int = field(default=0)
     steps: int = 0  # optimizer steps seen since the last refresh
     version: tuple[int, int] | None = None  # the weight's state when last seen (weight_token)
@@ -149,11 +150,31 @@ def compute_backward_mask(weight: torch.Tensor, forward: torch.Tensor,
 def mask_stats(weight: torch.Tensor, mask: torch.Tensor, previous: torch.Tensor | None,
                refreshes: int) -> MaskStats:
     """Flip rate against ``previous``, density and kept-magnitude fraction of ``mask``."""
-    magnitude = weight.detach().abs().double()
-    total = magnitude.sum().item()
-    flip = None if previous is None else (mask != previous).double().mean().item()
-    kept = (magnitude * mask).sum().item() / total if total > 0 else 1.0
-    return MaskStats(refreshes, flip, mask.double().mean().item(), kept)
+    return LazyStats(weight, mask, previous, refreshes).read()
+
+
+class LazyStats:
+    """:class:`MaskStats` computed on the device without a host sync, read on demand.
+
+    A refresh inside the training loop must not wait for the GPU; ``read()`` (called by
+    ``nmcompile.stats``) does, once.
+    """
+
+    def __init__(self, weight: torch.Tensor, mask: torch.Tensor, previous: torch.Tensor | None,
+                 refreshes: int) -> None:
+        magnitude = weight.detach().abs().double()
+        total = magnitude.sum()
+        self.refreshes = refreshes
+        self.flip = None if previous is None else (mask != previous).double().mean()
+        self.kept = torch.where(total > 0, (magnitude * mask).sum() / total, 1.0)
+        self.density = mask.double().mean()
+        self._read: MaskStats | None = None
+
+    def read(self) -> MaskStats:
+        if self._read is None:
+            flip = None if self.flip is None else self.flip.item()
+            self._read = MaskStats(self.refreshes, flip, self.density.item(), self.kept.item())
+        return self._read
 
 
 _RECORDS: WeakIdKeyDictionary = WeakIdKeyDictionary()

@@ -30,6 +30,7 @@ from .kernels import cusparselt
 from .masking import (
     BackwardSpec,
     BankSlots,
+    LazyStats,
     MaskRecord,
     MaskSpec,
     MaskStats,
@@ -41,6 +42,7 @@ from .masking import (
     register,
 )
 from .ops.emulation import masked_weight
+from .solvers import transposable_masks_scored
 
 __all__ = ["MaskBank", "load_mask_state_dict", "mask_state_dict", "masks", "register_on_call",
            "stats", "weight_token"]
@@ -178,12 +180,17 @@ class MaskBank:
         masks that are due and compress the weights that changed since they were last
         compressed, for the parameters this call is given."""
         tensors = list(self.tensors)
-        for pos, (_, _, used) in self._specs.items():
-            param, slots = args[pos], self._slots[pos]
-            record = self._record(pos, param)
+        records, due = {}, []
+        for pos in self._specs:
+            param = args[pos]
+            records[pos] = record = self._record(pos, param)
             _observe(record, param)
             if record.refreshes == 0 or record.steps >= self.config.mask_interval:
-                _refresh(record, param)
+                due.append((record, param))
+        if due:
+            _refresh_all(due)
+        for pos, (_, _, used) in self._specs.items():
+            param, slots, record = args[pos], self._slots[pos], records[pos]
             tensors[slots.forward] = record.forward
             if slots.backward is not None and record.backward is not None:
                 tensors[slots.backward] = record.backward
@@ -251,21 +258,49 @@ def _compress(pack: Pack, param: torch.Tensor, mask: torch.Tensor) -> None:
     pack.compressions += 1
 
 
+#: Tiles scored together when masks are refreshed in one batch: bounds the transient
+#: ``[tiles, patterns]`` score matrix (about 370 MB for 2:4).
+REFRESH_TILES = 1 << 19
+
+
 @torch.no_grad()
 @torch.profiler.record_function("nm::refresh_mask")
-def _refresh(record: MaskRecord, param: torch.Tensor) -> None:
-    """Solve the mask from the current weight and record its stats."""
-    mask = compute_mask(param.detach(), record.spec)
+def _refresh_all(due: Sequence[tuple[MaskRecord, torch.Tensor]]) -> None:
+    """Solve the masks of ``(record, weight)`` pairs; in-graph-style pattern masks of one ratio
+    and device are scored together, a batch of at most :data:`REFRESH_TILES` tiles at a time,
+    so a step launches a handful of kernels whatever the number of layers."""
+    groups: dict[tuple, list[tuple[MaskRecord, torch.Tensor]]] = {}
+    for record, param in due:
+        spec = record.spec
+        if spec.policy == "transposable" and spec.method == "patterns":
+            groups.setdefault((spec.n, spec.m, param.device), []).append((record, param))
+        else:
+            _store(record, param, compute_mask(param.detach(), spec))
+    for (n, m, _), items in groups.items():
+        batch: list[tuple[MaskRecord, torch.Tensor]] = []
+        tiles = 0
+        for item in [*items, None]:
+            size = item[1].numel() // (m * m) if item is not None else 0
+            if batch and (item is None or tiles + size > REFRESH_TILES):
+                found = transposable_masks_scored([p.detach() for _, p in batch], n, m)
+                for (record, param), mask in zip(batch, found, strict=True):
+                    _store(record, param, mask)
+                batch, tiles = [], 0
+            if item is not None:
+                batch.append(item)
+                tiles += size
+
+
+def _store(record: MaskRecord, param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Make ``mask`` the record's forward mask (and derive its backward mask, its stats)."""
     previous = record.forward.clone() if record.refreshes else None
     record.refreshes += 1
     record.epoch += 1
-    record.stats = mask_stats(param, mask, previous, record.refreshes)
+    record.stats = LazyStats(param, mask, previous, record.refreshes)
     record.forward.copy_(mask)
     if record.backward_spec is not None:
         record.backward.copy_(compute_backward_mask(param, mask, record.backward_spec))
     record.steps = 0
-    log.debug("nm: refreshed a %s mask, flip rate %s", tuple(param.shape),
-              record.stats.flip_rate)
 
 
 def _named_records(model: torch.nn.Module):
@@ -305,7 +340,7 @@ def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     out = {}
     for name, param, record in _named_records(model):
         if record.forward is not None and record.stats is not None:
-            out[name] = record.stats
+            out[name] = record.stats.read()
             continue
         mask = _current(param, record)
         record.refreshes += 1

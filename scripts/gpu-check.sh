@@ -6,11 +6,15 @@
 #      ../shared/tools/gpu-wheels.sh) into a private folder, never touching torch, and makes
 #      this checkout importable as nmcompile with its `nm` backend entry point;
 #   2. prints the facts the kernels rely on (benchmarks/gpu_facts.py -> DIR/facts.json);
-#   3. runs the CUDA tests (tests/cuda -> DIR/tests.log);
-#   4. runs benchmarks/gpu.py --quick (DIR/bench.log, DIR/gpu.json, DIR/cost_rule.json,
+#   3. runs the CUDA tests, and the sparse-kernel tests through the CPU model of cuSPARSELt
+#      under this machine's torch (tests/cuda, tests/kernels -> DIR/tests.log);
+#   4. times cuSPARSELt's alg ids, eager and from CUDA graphs (benchmarks/gpu_algs.py ->
+#      DIR/algs.json);
+#   5. runs benchmarks/gpu.py --quick (DIR/bench.log, DIR/gpu.json, DIR/cost_rule.json,
 #      DIR/step_summary.txt).
-# Without a GPU it stops after step 2 with exit code 3. Stage time limits (seconds):
-# TEST_TIMEOUT (default 150), BENCH_TIMEOUT (default 240).
+# Everything is also logged to DIR/check.log. Without a GPU it stops after step 2 with exit
+# code 3. Stage time limits (seconds): TEST_TIMEOUT (default 150), ALGS_TIMEOUT (90),
+# BENCH_TIMEOUT (240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check_out}}
@@ -44,9 +48,8 @@ fi
 log "$("$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
 
 start=$SECONDS
-"$PY" benchmarks/gpu_facts.py --out "$OUT" > "$OUT/facts.log" 2>&1
-facts_rc=$?
-cat "$OUT/facts.log"
+"$PY" benchmarks/gpu_facts.py --out "$OUT" 2>&1 | tee -a "$OUT/check.log"
+facts_rc=${PIPESTATUS[0]}
 if [ "$facts_rc" -eq 3 ]; then
   log "no CUDA GPU visible: stopping before the CUDA tests and the benchmark"
   exit 3
@@ -54,11 +57,16 @@ fi
 log "facts: exit $facts_rc in $((SECONDS - start)) s"
 
 start=$SECONDS
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -rs -p no:cacheprovider -m cuda tests/cuda \
-  > "$OUT/tests.log" 2>&1
+timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/cuda \
+  tests/kernels tests/test_shared_graphs.py > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -n 40 "$OUT/tests.log"
 log "CUDA tests: exit $tests_rc in $((SECONDS - start)) s"
+
+start=$SECONDS
+timeout "${ALGS_TIMEOUT:-90}" "$PY" benchmarks/gpu_algs.py --out "$OUT" 2>&1 | tail -n 30
+algs_rc=${PIPESTATUS[0]}
+log "alg ids: exit $algs_rc in $((SECONDS - start)) s"
 
 start=$SECONDS
 timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/gpu.py --quick --out "$OUT" \
@@ -70,7 +78,7 @@ cp "$NMCOMPILE_CACHE_DIR/cost_rule.json" "$OUT/" 2>/dev/null
 summary="$NMCOMPILE_CACHE_DIR/nm_dump/step_nm_auto/summary.txt"
 [ -f "$summary" ] && cp "$summary" "$OUT/step_summary.txt"
 
-for rc in $facts_rc $tests_rc $bench_rc; do
+for rc in $facts_rc $tests_rc $algs_rc $bench_rc; do
   [ "$rc" -ne 0 ] && exit "$rc"
 done
 exit 0
