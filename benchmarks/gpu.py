@@ -6,9 +6,10 @@ Three parts, bf16, CUDA events after a warm-up, medians:
 
 (a) the three GEMMs of a linear layer at FFN shapes (tokens x d_model, d_ff = 4 d_model), up- and
     down-projection: forward ``X W^T``, grad-input ``dY W``, grad-weight ``dY^T X`` (sparse: dY^T
-    pruned 2:4 along tokens, compressed at every call, as MVUE does); dense cuBLAS on the same
-    masked operand against cuSPARSELt (``nmcompile.kernels.cusparselt``), and the time to
-    compress W and W^T (once per optimizer step in training);
+    pruned 2:4 along tokens, as MVUE does), measured exactly as the cost rule measures them
+    (``nmcompile.kernels.cost.measure``): dense cuBLAS on the same masked operand against
+    cuSPARSELt with algorithm 0 and with the algorithm its search picks (kept only if it passes
+    the fp64 check), and the time to compress the sparse operand;
 (b) an FFN block (up-projection, GELU, down-projection) forward + backward + SGD step, compiled
     with ``backend="inductor"`` and with ``backend="nm"`` (``kernels="auto"``: the cost rule;
     with and without MVUE), weights changing at every step so that the masks are solved and
@@ -39,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,72 +51,40 @@ from torch import nn
 import nmcompile
 from nmcompile.kernels import cost, cusparselt
 from nmcompile.models import GPTConfig, TinyGPT
-from nmcompile.solvers import nm_mask
 
 BF16 = torch.bfloat16
 #: where everything runs; ``--smoke`` (a CPU check of this script, for the test suite) sets CPU
 DEVICE = torch.device("cuda")
 
 
-def _pruned(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    """A random ``[rows, cols]`` bf16 matrix pruned 2:4 along its last dim."""
-    a = torch.randn(rows, cols, generator=gen, device=DEVICE)
-    return (a * nm_mask(a, 2, 4)).to(BF16)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 # -- (a) GEMMs ---------------------------------------------------------------------------------
 
 def bench_gemms(tokens_list: list[int], d_list: list[int]) -> list[dict]:
     rows = []
-    gen = torch.Generator(DEVICE).manual_seed(0)
     for d in d_list:
         for tokens in tokens_list:
             for proj, (out_f, in_f) in (("up", (4 * d, d)), ("down", (d, 4 * d))):
-                rows += _gemm_rows(tokens, d, proj, out_f, in_f, gen)
+                rows += _gemm_rows(tokens, d, proj, out_f, in_f)
                 _free()
     return rows
 
 
-def _gemm_rows(tokens: int, d: int, proj: str, out_f: int, in_f: int,
-               gen: torch.Generator) -> list[dict]:
-    time_ms = cost.timer(DEVICE)
-    w = _pruned(out_f, in_f, gen)  # W*M, 2:4 along in (forward)
-    wt = _pruned(in_f, out_f, gen)  # (W*M)^T, 2:4 along out (grad-input)
-    x = torch.randn(tokens, in_f, generator=gen, device=DEVICE).to(BF16)
-    dy = torch.randn(tokens, out_f, generator=gen, device=DEVICE).to(BF16)
-    dyt = _pruned(out_f, tokens, gen)  # dY^T pruned 2:4 along tokens
-    packed, packed_t = cusparselt.compress(w), cusparselt.compress(wt)
-    cases = {
-        "forward": (lambda: F.linear(x, w),
-                    lambda: cusparselt.linear_forward(x, packed, None, out_f)),
-        "grad_input": (lambda: dy @ wt.t(),
-                       lambda: cusparselt.linear_grad_input(dy, packed_t, in_f)),
-        "grad_weight": (lambda: dyt @ x, lambda: cusparselt.sparse_mm(dyt, x)),
-    }
+def _gemm_rows(tokens: int, d: int, proj: str, out_f: int, in_f: int) -> list[dict]:
+    """The three GEMMs of one projection, measured as the cost rule measures them
+    (:func:`nmcompile.kernels.cost.measure`: fp64 check, algorithm 0 and the searched one)."""
     rows = []
-    for role, (dense, sparse) in cases.items():
-        diff = _rel(sparse(), dense())
-        dense_ms, sparse_ms = time_ms(dense), time_ms(sparse)
-        rows.append({
-            "tokens": tokens, "d_model": d, "proj": proj, "role": role,
-            "m_k_n": _mkn(role, out_f, in_f, tokens),
-            "dense_ms": dense_ms, "sparse_ms": sparse_ms, "speedup": dense_ms / sparse_ms,
-            "dense_tflops": 2 * tokens * out_f * in_f / dense_ms / 1e9,
-            "rel_diff": diff,
-        })
-    rows[0]["compress_ms"] = time_ms(lambda: cusparselt.compress(w))
-    rows[1]["compress_ms"] = time_ms(lambda: cusparselt.compress(wt))
+    for role in ("forward", "grad_input", "grad_weight"):
+        m, k, n = {"forward": (out_f, in_f, tokens), "grad_input": (in_f, out_f, tokens),
+                   "grad_weight": (out_f, tokens, in_f)}[role]
+        found = cost.measure(DEVICE, cost.GemmShape(role, m, k, n, BF16))
+        row = {"tokens": tokens, "d_model": d, "proj": proj, "role": role,
+               "m_k_n": f"{m}x{k}x{n}", **asdict(found)}
+        if found.failure is None:
+            row["speedup"] = found.dense_ms / found.sparse_ms
+            row["speedup_alg0"] = found.dense_ms / found.alg0_ms
+            row["dense_tflops"] = 2 * m * k * n / found.dense_ms / 1e9
+        rows.append(row)
     return rows
-
-
-def _mkn(role: str, out_f: int, in_f: int, tokens: int) -> str:
-    m, k, n = {"forward": (out_f, in_f, tokens), "grad_input": (in_f, out_f, tokens),
-               "grad_weight": (out_f, tokens, in_f)}[role]
-    return f"{m}x{k}x{n}"
 
 
 # -- training steps (b, c) ------------------------------------------------------------------
@@ -402,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
             tokens, dims = [32], [16]
         result["gemms"] = bench_gemms(tokens, dims)
         save()
-        print(tabulate([{k: r[k] for k in ("tokens", "d_model", "proj", "role", "m_k_n",
-                                           "dense_ms", "sparse_ms", "speedup", "rel_diff")}
+        print(tabulate([{k: r.get(k) for k in ("tokens", "d_model", "proj", "role", "m_k_n",
+                                               "dense_ms", "alg0_ms", "sparse_ms", "alg_id",
+                                               "speedup", "compress_ms", "failure")}
                         for r in result["gemms"]], headers="keys", floatfmt=".3f"))
     ffn_configs = {
         "dense (inductor)": ("inductor", {}),

@@ -13,7 +13,7 @@
 #   5. runs benchmarks/gpu.py --quick (DIR/bench.log, DIR/gpu.json, DIR/cost_rule.json,
 #      DIR/step_summary.txt).
 # Everything is also logged to DIR/check.log. Without a GPU it stops after step 2 with exit
-# code 3. Stage time limits (seconds): TEST_TIMEOUT (default 150), ALGS_TIMEOUT (90),
+# code 3. Stage time limits (seconds): TEST_TIMEOUT (default 240), ALGS_TIMEOUT (90),
 # BENCH_TIMEOUT (240).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +57,7 @@ fi
 log "facts: exit $facts_rc in $((SECONDS - start)) s"
 
 start=$SECONDS
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/cuda \
+timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/cuda \
   tests/kernels tests/test_shared_graphs.py > "$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -n 40 "$OUT/tests.log"

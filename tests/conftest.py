@@ -25,6 +25,7 @@ def cslt(monkeypatch, tmp_path) -> CusparseltModel:
     model = CusparseltModel()
     monkeypatch.setattr(torch, "_cslt_compress", model.compress)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", model.sparse_mm)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", model.sparse_mm_search)
     monkeypatch.setenv("NMCOMPILE_CSLT_ON_CPU", "1")
     monkeypatch.setenv("NMCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
     return model

@@ -27,13 +27,20 @@ class ContractError(RuntimeError):
     """An input the real cuSPARSELt would reject or silently misread."""
 
 
-class CusparseltModel:
-    """The model; counts calls (``compress_calls``, ``mm_calls``) and records mm shapes."""
+#: Algorithm ids the model accepts (the real library's range depends on the shape).
+ALG_IDS = range(32)
 
-    def __init__(self) -> None:
+
+class CusparseltModel:
+    """The model; counts calls (``compress_calls``, ``mm_calls``) and records mm shapes and the
+    algorithm ids used. ``search_result`` is what ``_cslt_sparse_mm_search`` answers."""
+
+    def __init__(self, search_result: int = 0) -> None:
         self.compress_calls = 0
         self.mm_calls = 0
         self.mm_shapes: list[tuple[int, int, int]] = []
+        self.alg_ids: list[int] = []
+        self.search_result = search_result
 
     # -- compress ------------------------------------------------------------------------
     def compress(self, a: Tensor) -> Tensor:
@@ -83,9 +90,11 @@ class CusparseltModel:
                   split_k_mode: int = -1) -> Tensor:
         if alpha is not None:
             raise ContractError("sparse_mm: alpha is read with .item() (a host sync)")
-        if out_dtype is not None or alg_id != 0 or split_k != 1 or split_k_mode != -1:
-            raise ContractError("sparse_mm: out_dtype / non-zero alg_id / split-k are not "
-                                "validated for nmcompile's shapes")
+        if out_dtype is not None or split_k != 1 or split_k_mode != -1:
+            raise ContractError("sparse_mm: out_dtype / split-k are not validated for "
+                                "nmcompile's shapes")
+        if alg_id not in ALG_IDS:
+            raise ContractError(f"sparse_mm: alg_id {alg_id} out of range")
         if dense_B.dim() != 2 or compressed_A.dim() != 2:
             raise ContractError("sparse_mm: 2-D operands expected")
         if dense_B.dtype != compressed_A.dtype or dense_B.dtype not in DTYPES:
@@ -110,4 +119,16 @@ class CusparseltModel:
         out = out.to(dense_B.dtype)
         self.mm_calls += 1
         self.mm_shapes.append((m, k, n))
+        self.alg_ids.append(alg_id)
         return out.t().contiguous() if transpose_result else out.contiguous()
+
+    def sparse_mm_search(self, compressed_A: Tensor, dense_B: Tensor, bias: Tensor | None = None,
+                         alpha: Tensor | None = None, out_dtype: torch.dtype | None = None,
+                         transpose_result: bool = False) -> int:
+        """The model's algorithm search: checks the operands like ``sparse_mm``, answers
+        ``search_result``."""
+        self.sparse_mm(compressed_A, dense_B, bias, alpha, out_dtype, transpose_result)
+        self.mm_calls -= 1
+        self.mm_shapes.pop()
+        self.alg_ids.pop()
+        return self.search_result

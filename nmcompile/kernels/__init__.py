@@ -39,6 +39,7 @@ class Choice:
 
     sparse: bool
     label: str
+    alg_id: int = 0
 
 
 def _static(*sizes: object) -> bool:
@@ -73,7 +74,8 @@ def choose(policy: str, role: str, *, device: torch.device, dtype: torch.dtype, 
         return Choice(False, "dense: cost rule needs static shapes (dynamic token count)")
     verdict = cost.default_rule().decide(device, cost.GemmShape(role, m, k, n, dtype))
     if verdict.sparse:
-        return Choice(True, f"{SPARSE_LABEL} ({verdict.speedup:.2f}x)")
+        alg = f", alg {verdict.alg_id}" if verdict.alg_id else ""
+        return Choice(True, f"{SPARSE_LABEL} ({verdict.speedup:.2f}x{alg})", verdict.alg_id)
     return Choice(False, verdict.reason)
 
 

@@ -15,8 +15,9 @@ cuSPARSELtOps.cpp``, and ``torch/sparse/semi_structured.py``):
   dims multiples of 8; ``bias`` has one entry per row of ``A`` (``m``); with
   ``transpose_result=True`` the result is a fresh contiguous ``(A @ B)^T`` of shape ``[n, m]``,
   so the bias lands on its last dim. bf16 in, bf16 out, fp32 accumulation. ``alpha`` is never
-  passed (a one-element alpha is read with ``.item()``, a host sync) and ``alg_id`` stays 0
-  (non-zero ids gave wrong results on some shapes, pytorch/pytorch#155333).
+  passed (a one-element alpha is read with ``.item()``, a host sync). ``alg_id`` is 0 unless
+  the cost rule validated another one for that shape on that device (non-zero ids gave wrong
+  results on some shapes elsewhere, pytorch/pytorch#155333).
 
 The three GEMMs of a linear layer ``Y = X W^T + b`` (``W`` is ``[out, in]``) map onto it as:
 
@@ -52,6 +53,7 @@ __all__ = [
     "linear_grad_input",
     "runtime_version",
     "sparse_mm",
+    "sparse_mm_packed",
     "sparse_mm_reason",
     "sparse_operand_reason",
 ]
@@ -145,38 +147,47 @@ def _pad_rows(x: Tensor, multiple: int) -> Tensor:
 
 
 def _transposed_product(packed: Tensor, x: Tensor, bias: Tensor | None,
-                        features: int) -> Tensor:
+                        features: int, alg_id: int) -> Tensor:
     """``(A @ x^T)^T`` for the compressed ``A`` (``features`` rows): ``x`` ``[..., k]``."""
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     padded = _pad_rows(x2, DENSE_ALIGN)
     if bias is not None:
         bias = bias.contiguous()  # the library takes a bare pointer
-    out = torch._cslt_sparse_mm(packed, dense_operand(padded.t()), bias, transpose_result=True)
+    out = torch._cslt_sparse_mm(packed, dense_operand(padded.t()), bias, transpose_result=True,
+                                alg_id=alg_id)
     if out.shape[0] != tokens:
         out = out[:tokens]  # a prefix of rows of a contiguous tensor: still contiguous
     return out.view(*x.shape[:-1], features)
 
 
-def linear_forward(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+def linear_forward(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int,
+                   alg_id: int = 0) -> Tensor:
     """``x @ (W*M)^T + bias`` from ``packed = compress(W*M)``: ``[..., in]`` to ``[..., out]``.
 
     ``x`` is flattened to ``[tokens, in]`` without a copy when its layout allows; ``bias`` (if
-    any) has ``x``'s dtype and ``out_features`` entries.
+    any) has ``x``'s dtype and ``out_features`` entries. ``alg_id``: the cuSPARSELt algorithm
+    (0 unless the cost rule validated another for this shape on this device).
     """
-    return _transposed_product(packed, x, bias, out_features)
+    return _transposed_product(packed, x, bias, out_features, alg_id)
 
 
-def linear_grad_input(grad_out: Tensor, packed_t: Tensor, in_features: int) -> Tensor:
+def linear_grad_input(grad_out: Tensor, packed_t: Tensor, in_features: int,
+                      alg_id: int = 0) -> Tensor:
     """``grad_out @ (W*M)`` from ``packed_t = compress((W*M)^T)``: ``[..., out]`` to
     ``[..., in]``."""
-    return _transposed_product(packed_t, grad_out, None, in_features)
+    return _transposed_product(packed_t, grad_out, None, in_features, alg_id)
 
 
-def sparse_mm(a: Tensor, b: Tensor) -> Tensor:
+def sparse_mm(a: Tensor, b: Tensor, alg_id: int = 0) -> Tensor:
     """``a @ b``: ``a`` ``[M, K]`` is 2:4 along ``K`` (compressed here, at every call), ``b`` is
     ``[K, N]``."""
-    return torch._cslt_sparse_mm(compress(a), dense_operand(b))
+    return sparse_mm_packed(compress(a), b, alg_id)
+
+
+def sparse_mm_packed(packed: Tensor, b: Tensor, alg_id: int = 0) -> Tensor:
+    """``A @ b`` from ``packed = compress(A)``."""
+    return torch._cslt_sparse_mm(packed, dense_operand(b), alg_id=alg_id)
 
 
 def sparse_mm_reason(m: int, k: int, n: int, dtype: torch.dtype) -> str | None:

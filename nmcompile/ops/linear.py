@@ -59,7 +59,7 @@ def _check(name: str, a: Tensor, weight: Tensor, mask: Tensor, w_dim: int,
 
 @torch.library.custom_op("nm::linear_forward", mutates_args=())
 def linear_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None,
-                   packed: Tensor | None = None) -> Tensor:
+                   packed: Tensor | None = None, alg_id: int = 0) -> Tensor:
     """Forward GEMM ``x @ (weight*mask).T + bias``.
 
     Args:
@@ -69,56 +69,60 @@ def linear_forward(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None 
         mask: bool ``[out, in]``.
         bias: ``[out]`` in ``x``'s dtype, or ``None``.
         packed: ``cusparselt.compress(weight*mask)`` in ``x``'s dtype: run the sparse kernel.
+        alg_id: the kernel's cuSPARSELt algorithm (the cost rule's validated choice, else 0).
     """
     _check("nm::linear_forward", x, weight, mask, 1, packed)
     if packed is not None and x.numel():
-        return cusparselt.linear_forward(x, packed, bias, weight.shape[0])
+        return cusparselt.linear_forward(x, packed, bias, weight.shape[0], alg_id)
     return emulation.linear_forward(x, weight, mask, bias)
 
 
 @linear_forward.register_fake
 def _(x: Tensor, weight: Tensor, mask: Tensor, bias: Tensor | None = None,
-      packed: Tensor | None = None) -> Tensor:
+      packed: Tensor | None = None, alg_id: int = 0) -> Tensor:
     _check("nm::linear_forward", x, weight, mask, 1, packed)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("nm::linear_grad_input", mutates_args=())
 def linear_grad_input(grad_out: Tensor, weight: Tensor, mask: Tensor,
-                      packed_t: Tensor | None = None) -> Tensor:
+                      packed_t: Tensor | None = None, alg_id: int = 0) -> Tensor:
     """Grad-input GEMM ``grad_out @ (weight*mask)``: ``[..., out]`` -> ``[..., in]``.
 
     ``weight``/``mask`` are ``[out, in]`` as in :func:`linear_forward`; ``packed_t`` is
     ``cusparselt.compress((weight*mask).T)`` (the mask must be 2:4 along out-features: a
-    transposable mask) in ``grad_out``'s dtype, to run the sparse kernel.
+    transposable mask) in ``grad_out``'s dtype, to run the sparse kernel with cuSPARSELt
+    algorithm ``alg_id``.
     """
     _check("nm::linear_grad_input", grad_out, weight, mask, 0, packed_t)
     if packed_t is not None and grad_out.numel():
-        return cusparselt.linear_grad_input(grad_out, packed_t, weight.shape[1])
+        return cusparselt.linear_grad_input(grad_out, packed_t, weight.shape[1], alg_id)
     return emulation.linear_grad_input(grad_out, weight, mask)
 
 
 @linear_grad_input.register_fake
-def _(grad_out: Tensor, weight: Tensor, mask: Tensor, packed_t: Tensor | None = None) -> Tensor:
+def _(grad_out: Tensor, weight: Tensor, mask: Tensor, packed_t: Tensor | None = None,
+      alg_id: int = 0) -> Tensor:
     _check("nm::linear_grad_input", grad_out, weight, mask, 0, packed_t)
     return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]))
 
 
 @torch.library.custom_op("nm::sparse_mm", mutates_args=())
-def sparse_mm(a: Tensor, b: Tensor, use_kernel: bool = False) -> Tensor:
+def sparse_mm(a: Tensor, b: Tensor, use_kernel: bool = False, alg_id: int = 0) -> Tensor:
     """``a @ b`` for 2-D ``a`` ``[M, K]`` that is N:M sparse along ``K`` (pruned by the caller).
 
     ``use_kernel``: compress ``a`` and run the 2:4 sparse kernel (``a`` must then be 2:4 along
-    ``K``) whenever the shapes allow it at run time; otherwise, and by default, a dense GEMM.
+    ``K``) whenever the shapes allow it at run time, with cuSPARSELt algorithm ``alg_id``;
+    otherwise, and by default, a dense GEMM.
     """
     _check_mm(a, b)
     if use_kernel and cusparselt.sparse_mm_reason(*a.shape, b.shape[1], a.dtype) is None:
-        return cusparselt.sparse_mm(a, b)
+        return cusparselt.sparse_mm(a, b, alg_id)
     return emulation.sparse_mm(a, b)
 
 
 @sparse_mm.register_fake
-def _(a: Tensor, b: Tensor, use_kernel: bool = False) -> Tensor:
+def _(a: Tensor, b: Tensor, use_kernel: bool = False, alg_id: int = 0) -> Tensor:
     _check_mm(a, b)
     return a.new_empty((a.shape[0], b.shape[1]))
 
@@ -139,7 +143,7 @@ def _sparse_mm_backward(ctx, grad):
     a, b = ctx.saved_tensors
     grad_a = grad @ b.t() if ctx.needs_input_grad[0] else None
     grad_b = a.t() @ grad if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b, None
+    return grad_a, grad_b, None, None
 
 
 sparse_mm.register_autograd(_sparse_mm_backward, setup_context=_sparse_mm_setup)
@@ -150,7 +154,7 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _forward_setup(ctx, inputs, output) -> None:
-    x, weight, mask, bias, _ = inputs
+    x, weight, mask, bias, _, _ = inputs
     ctx.save_for_backward(x, weight, mask)
     ctx.has_bias = bias is not None
 
@@ -163,11 +167,11 @@ def _forward_backward(ctx, grad):
     grad_w = ((_flat(grad).t() @ _flat(x)).to(weight.dtype)
               if ctx.needs_input_grad[1] else None)
     grad_b = _flat(grad).sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-    return grad_x, grad_w, None, grad_b, None
+    return grad_x, grad_w, None, grad_b, None, None
 
 
 def _grad_input_setup(ctx, inputs, output) -> None:
-    grad_out, weight, mask, _ = inputs
+    grad_out, weight, mask, _, _ = inputs
     ctx.save_for_backward(grad_out, weight, mask)
 
 
@@ -177,7 +181,7 @@ def _grad_input_backward(ctx, grad):
               if ctx.needs_input_grad[0] else None)
     grad_w = ((_flat(grad_out).t() @ _flat(grad)).to(weight.dtype)
               if ctx.needs_input_grad[1] else None)
-    return grad_g, grad_w, None, None
+    return grad_g, grad_w, None, None, None
 
 
 linear_forward.register_autograd(_forward_backward, setup_context=_forward_setup)

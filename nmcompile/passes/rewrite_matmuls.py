@@ -405,7 +405,8 @@ class _Rewriter:
             choice, packed = self._kernel("forward", p, x, tuple(weight.meta["val"].shape))
             if packed is not None:  # the kernel reads the compressed copy, not the cast weight
                 weight, wmask = self._oriented(p, mask, like)
-            out = self.edit.call(_LINEAR_FORWARD, [x, weight, wmask, bias, packed], like=like)
+            out = self.edit.call(_LINEAR_FORWARD, [x, weight, wmask, bias, packed, choice.alg_id],
+                                 like=like)
             if p.side == 0:
                 out = self._t(out, like)
             if mm.bias is not None and bias is None:
@@ -434,7 +435,8 @@ class _Rewriter:
                 choice, packed = self._kernel("grad_input", p, g, shape)
             if packed is not None:
                 weight, wmask = self._oriented(p, mask, like)
-            out = self.edit.call(_LINEAR_GRAD_INPUT, [g, weight, wmask, packed], like=like)
+            out = self.edit.call(_LINEAR_GRAD_INPUT, [g, weight, wmask, packed, choice.alg_id],
+                                 like=like)
             if p.side == 0:
                 out = self._t(out, like)
         self._swap(mm.node, out)
@@ -443,7 +445,7 @@ class _Rewriter:
     def _sparse_mm(self, a: fx.Node, b: fx.Node, like: fx.Node) -> tuple[fx.Node, Choice]:
         """``nm.sparse_mm(a, b)`` for the grad-weight GEMM, on the kernel :meth:`_kernel` picks."""
         choice, _ = self._kernel("grad_weight", None, a, dense=b)
-        return self.edit.call(_SPARSE_MM, [a, b, choice.sparse], like=like), choice
+        return self.edit.call(_SPARSE_MM, [a, b, choice.sparse, choice.alg_id], like=like), choice
 
     def _replace_mvue(self, mm: Matmul, side: int) -> str:
         cfg, like = self.config, mm.node

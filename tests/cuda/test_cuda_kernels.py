@@ -99,14 +99,24 @@ def test_compressed_blob_shapes(record_property):
 
 
 def test_cost_rule_self_check_passes_on_this_gpu(tmp_path):
+    """Algorithm 0 and the searched algorithm, each checked against fp64; the kept one is the
+    faster of those that pass, and it runs in the training ops with the same numbers."""
     rule = cost.CostRule(path=tmp_path / "cost_rule.json")
     for role in ("forward", "grad_input", "grad_weight"):
-        shape = cost.GemmShape(role, 2048, 2048, 4096, torch.bfloat16)
+        shape = cost.GemmShape(role, 8192, 2048, 16384, torch.bfloat16)
         found = rule.measurement(torch.device("cuda"), shape)
         assert found.failure is None, found
         assert found.sparse_error <= cost.ERROR_FACTOR * max(found.dense_error, 1e-3), found
+        assert found.sparse_ms <= found.alg0_ms
         print(role, shape.label(), found)
     assert (tmp_path / "cost_rule.json").exists()
+    w, mask, wm = _weight(8192, 2048, torch.bfloat16)
+    x = torch.randn(16384, 2048, device="cuda").to(torch.bfloat16)
+    alg = rule.measurement(torch.device("cuda"), cost.GemmShape(
+        "forward", 8192, 2048, 16384, torch.bfloat16)).alg_id
+    out = linear_forward(x, w, mask, None, cusparselt.compress(wm), alg)
+    ref = x.double() @ wm.double().t()
+    assert _rel(out, ref) <= 4 * max(_rel(F.linear(x, wm), ref), 1e-4)
 
 
 class Mlp(nn.Module):

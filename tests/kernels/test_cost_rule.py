@@ -144,3 +144,60 @@ def test_default_measurement_runs_inside_compilation(cslt, tmp_path):
     kernels = [r["kernel"] for r in nmcompile.read_summary(dump)["matmuls"] if r["kernel"]]
     assert kernels and not any("failed its self-check" in k for k in kernels), kernels
     assert all(k.startswith(("cuSPARSELt (", "dense: cost rule (sparse ")) for k in kernels)
+
+
+def _fake_timer(cslt, fast_alg: int):
+    """Times by what ran: the model with ``fast_alg`` 0.5 ms, with algorithm 0 2 ms, a dense
+    GEMM 1 ms, a compression alone 0.01 ms."""
+
+    def timer(device):
+        def time_ms(fn):
+            calls, compressions = cslt.mm_calls, cslt.compress_calls
+            fn()
+            if cslt.mm_calls > calls:
+                return 0.5 if cslt.alg_ids[-1] == fast_alg else 2.0
+            return 0.01 if cslt.compress_calls > compressions else 1.0
+
+        return time_ms
+
+    return timer
+
+
+@pytest.mark.parametrize("role", ["forward", "grad_input", "grad_weight"])
+def test_measure_keeps_a_searched_algorithm_only_if_right_and_faster(cslt, monkeypatch, role):
+    cslt.search_result = 5
+    monkeypatch.setattr(cost, "timer", _fake_timer(cslt, fast_alg=5))
+    shape = cost.GemmShape(role, 32, 64, 48, torch.bfloat16)
+    found = cost.measure(CPU, shape)
+    assert found.alg_id == 5 and found.sparse_ms == 0.5 and found.alg0_ms == 2.0
+    verdict = cost.judge(shape, found)
+    assert verdict.sparse and verdict.alg_id == 5
+
+    # the same search answer, but algorithm 5 computes garbage: algorithm 0 is kept
+    right = cslt.sparse_mm
+
+    def wrong_for_5(*args, alg_id=0, **kwargs):
+        out = right(*args, alg_id=alg_id, **kwargs)
+        return out * 2 if alg_id == 5 else out
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", wrong_for_5)
+    found = cost.measure(CPU, shape)
+    assert found.alg_id == 0 and found.sparse_ms == 2.0
+    assert not cost.judge(shape, found).sparse  # 2 ms sparse against 1 ms dense
+
+
+def test_the_chosen_algorithm_reaches_the_kernel(cslt, tmp_path):
+    def table(device, shape):
+        return cost.Measurement(sparse_ms=0.6, compress_ms=0.1, dense_ms=1.0, sparse_error=2e-3,
+                                dense_error=2e-3, alg_id=17, alg0_ms=1.2)
+
+    dump = tmp_path / "dump"
+    with cost.using(cost.CostRule(table, path=None)):
+        compiled = torch.compile(Mlp().bfloat16(), backend="nm", options={
+            "inductor": False, "min_numel": 0, "dump_dir": str(dump),
+            "grad_weight": "mvue"})
+        x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+        compiled(x).float().sum().backward()
+    kernels = {r["kernel"] for r in nmcompile.read_summary(dump)["matmuls"] if r["kernel"]}
+    assert kernels == {"cuSPARSELt (1.43x, alg 17)"}
+    assert cslt.mm_calls == 6 and set(cslt.alg_ids) == {17}

@@ -22,7 +22,8 @@ def test_gpu_benchmark_smoke(cslt, tmp_path):
     for key in ("device", "torch", "cusparselt", "command", "ffn_speedup", "step_speedup"):
         assert result.get(key) is not None, key
     assert {r["role"] for r in result["gemms"]} == {"forward", "grad_input", "grad_weight"}
-    assert all(r["rel_diff"] < 1e-2 for r in result["gemms"])  # sparse == dense on the model
+    # the model computes the masked product: its error is the dense GEMM's, order of bf16
+    assert all(r["failure"] is None and r["sparse_error"] < 1e-2 for r in result["gemms"])
     nm_rows = [r for r in result["ffn"] + result["step"] if r["config"].startswith("nm")]
     kernels = [k for r in nm_rows for k in r["kernels"]]
     # the cost rule measured every GEMM on the model (no self-check failure inside compile)
