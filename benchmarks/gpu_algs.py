@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,31 +23,6 @@ from nmcompile.kernels import cost, cusparselt
 from nmcompile.solvers import nm_mask
 
 BF16 = torch.bfloat16
-
-
-def graph_ms(fn, replays: int = 20) -> float:
-    """Median ms per call of ``fn`` replayed from a CUDA graph (device time only)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return statistics.median(times)
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -68,7 +42,7 @@ def explore(tokens: int, out_f: int, in_f: int, role: str) -> dict:
     eager = cost.timer(torch.device("cuda"))
     row = {"role": role, "m_k_n": f"{rows}x{cols}x{tokens}"}
     dense = lambda: F.linear(x, a)  # noqa: E731
-    row["dense_ms"], row["dense_graph_ms"] = eager(dense), graph_ms(dense)
+    row["dense_ms"], row["dense_graph_ms"] = eager(dense), cost.graph_ms(dense)
     row["dense_error"] = _rel(dense(), ref)
     try:
         best = torch._cslt_sparse_mm_search(packed, b, None, None, None, True)
@@ -82,7 +56,7 @@ def explore(tokens: int, out_f: int, in_f: int, role: str) -> dict:
 
         try:
             row[f"alg{alg}_error"] = _rel(sparse(), ref)
-            row[f"alg{alg}_ms"], row[f"alg{alg}_graph_ms"] = eager(sparse), graph_ms(sparse)
+            row[f"alg{alg}_ms"], row[f"alg{alg}_graph_ms"] = eager(sparse), cost.graph_ms(sparse)
         except Exception as error:  # noqa: BLE001
             row[f"alg{alg}_failure"] = f"{type(error).__name__}: {error}"[:300]
     return row

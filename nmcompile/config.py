@@ -217,6 +217,11 @@ class NMConfig:
         return "transposable"
 
     @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether ``mode`` captures the compiled graphs in CUDA graphs."""
+        return self.mode in ("reduce-overhead", "max-autotune")
+
+    @property
     def grad_input_policy(self) -> str:
         """``grad_input`` with ``auto`` resolved."""
         if self.grad_input != "auto":

@@ -43,6 +43,10 @@ def test_config_object_and_overrides():
         ({"config": {"n": 2}}, ["options['config']"]),
         ({"exclude": "lm_head"}, ["NMConfig.exclude", "sequence"]),
         ({"param_filter": 3}, ["param_filter", "callable"]),
+        ({"kernels": "cusparselt"}, ["kernels='cusparselt'", "auto", "sparse", "emulate"]),
+        ({"mode": "fast"}, ["mode='fast'", "reduce-overhead", "max-autotune"]),
+        ({"mode": "reduce-overhead", "inductor": False}, ["mode='reduce-overhead'",
+                                                          "inductor=True"]),
     ],
 )
 def test_bad_options_name_the_key(options, words):
@@ -64,3 +68,16 @@ def test_config_is_frozen():
     cfg = NMConfig()
     with pytest.raises(AttributeError):
         cfg.n = 1
+
+
+def test_mode_from_torch_compile_reaches_the_config():
+    """``torch.compile(m, backend="nm", mode=...)`` hands the backend ``mode=`` (not options)."""
+    import torch
+
+    from nmcompile.backend import NMOptionError, nm_backend
+
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    with pytest.raises(NMOptionError, match="mode='turbo'"):
+        nm_backend(gm, [torch.randn(2)], mode="turbo")
+    assert NMConfig.from_options({"mode": "max-autotune"}).uses_cuda_graphs
+    assert not NMConfig.from_options({"mode": "max-autotune-no-cudagraphs"}).uses_cuda_graphs

@@ -47,13 +47,14 @@ def _static(*sizes: object) -> bool:
 
 
 def choose(policy: str, role: str, *, device: torch.device, dtype: torch.dtype, m: object,
-           k: object, n: object, blocker: str | None = None) -> Choice:
+           k: object, n: object, blocker: str | None = None, graphs: bool = False) -> Choice:
     """The kernel of a GEMM ``[m, k] (compressed) @ [k, n]`` in ``dtype`` on ``device``.
 
     ``role``: ``forward`` (m = out, k = in, n = tokens), ``grad_input`` (in, out, tokens) or
     ``grad_weight`` (out, tokens, in). ``blocker``: a reason the caller already knows the sparse
     kernel cannot serve this GEMM (e.g. the mask is not 2:4 along ``k``). Sizes may be symbolic
     (dynamic shapes): ``"sparse"`` then checks them at run time, ``"auto"`` stays dense.
+    ``graphs``: the compiled step runs from CUDA graphs (the cost rule compares device times).
     """
     if policy == "emulate":
         return Choice(False, "dense: kernels='emulate'")
@@ -72,7 +73,7 @@ def choose(policy: str, role: str, *, device: torch.device, dtype: torch.dtype, 
         return Choice(True, SPARSE_LABEL)
     if not _static(m, k, n):
         return Choice(False, "dense: cost rule needs static shapes (dynamic token count)")
-    verdict = cost.default_rule().decide(device, cost.GemmShape(role, m, k, n, dtype))
+    verdict = cost.default_rule().decide(device, cost.GemmShape(role, m, k, n, dtype), graphs)
     if verdict.sparse:
         alg = f", alg {verdict.alg_id}" if verdict.alg_id else ""
         return Choice(True, f"{SPARSE_LABEL} ({verdict.speedup:.2f}x{alg})", verdict.alg_id)

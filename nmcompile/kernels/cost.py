@@ -13,7 +13,9 @@ result on the same 2:4-masked operand are both compared with an fp64 product, an
 * ``dense_ms / (sparse_ms + compress_ms) >= MIN_SPEEDUP``: the compression of the sparse
   operand is charged in full to every call, which is exact for the grad-weight GEMM (a pruned
   output gradient is compressed at every micro-step) and conservative for the weights (compressed
-  once per optimizer step and shared by its micro-steps).
+  once per optimizer step and shared by its micro-steps). Under ``mode="reduce-overhead"`` the
+  GEMMs are compared by their device times replayed from CUDA graphs (no host overhead), as
+  they then run.
 
 Otherwise it stays dense, with the reason in the dump: ``dense: cost rule (sparse 0.87x at
 4096x4096x512 bf16)`` or ``dense: sparse kernel failed its self-check: <error>``. The shape is
@@ -58,6 +60,8 @@ __all__ = [
     "Verdict",
     "default_rule",
     "device_key",
+    "graph_ms",
+    "judge",
     "measure",
     "timer",
     "using",
@@ -72,7 +76,9 @@ ERROR_FACTOR = 4.0
 FORMAT = 2
 ROLES = ("forward", "grad_input", "grad_weight")
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_FIELDS = ("sparse_ms", "compress_ms", "dense_ms", "sparse_error", "dense_error", "alg0_ms")
+_FIELDS = ("sparse_ms", "compress_ms", "dense_ms", "sparse_error", "dense_error", "alg0_ms",
+           "sparse_graph_ms", "dense_graph_ms")
+_OPTIONAL = ("alg0_ms", "sparse_graph_ms", "dense_graph_ms")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,8 @@ class Measurement:
     dense_error: float | None = None
     alg_id: int = 0
     alg0_ms: float | None = None
+    sparse_graph_ms: float | None = None
+    dense_graph_ms: float | None = None
     failure: str | None = None
 
 
@@ -148,7 +156,7 @@ def _valid(entry: object) -> bool:
     if not isinstance(entry["alg_id"], int) or isinstance(entry["alg_id"], bool) or (
             entry["alg_id"] < 0):
         return False
-    return all((entry[f] is None and f == "alg0_ms")
+    return all((entry[f] is None and f in _OPTIONAL)
                or (isinstance(entry[f], (int, float)) and not isinstance(entry[f], bool)
                    and (f.endswith("error") or entry[f] >= 0)) for f in _FIELDS)
 
@@ -173,11 +181,13 @@ class CostRule:
         self._memory: dict[str, dict[str, Measurement]] = {}
         self._loaded = False
 
-    def decide(self, device: torch.device | str, shape: GemmShape) -> Verdict:
-        """The verdict for ``shape`` on ``device`` (measured now if not cached)."""
+    def decide(self, device: torch.device | str, shape: GemmShape,
+               graphs: bool = False) -> Verdict:
+        """The verdict for ``shape`` on ``device`` (measured now if not cached); ``graphs``:
+        the step runs from CUDA graphs, so the GEMMs are compared by device time."""
         device = torch.device(device)
         found = self.measurement(device, shape)
-        return judge(shape, found)
+        return judge(shape, found, graphs)
 
     def measurement(self, device: torch.device, shape: GemmShape) -> Measurement:
         """The cached measurement of ``shape`` on ``device``, measuring it first if needed."""
@@ -243,8 +253,8 @@ class CostRule:
             log.warning("nm cost rule: cannot write %s (%s)", self.path, error)
 
 
-def judge(shape: GemmShape, found: Measurement) -> Verdict:
-    """Apply the rule to one measurement."""
+def judge(shape: GemmShape, found: Measurement, graphs: bool = False) -> Verdict:
+    """Apply the rule to one measurement (with ``graphs``, to the CUDA-graph times if known)."""
     if found.failure is not None:
         return Verdict(False, None, f"dense: sparse kernel failed its self-check: {found.failure}")
     floor = torch.finfo(shape.dtype).eps / 4
@@ -253,8 +263,11 @@ def judge(shape: GemmShape, found: Measurement) -> Verdict:
         return Verdict(False, None, (
             f"dense: sparse kernel failed its self-check: relative error {found.sparse_error:.3g} "
             f"against {found.dense_error:.3g} for the dense GEMM at {shape.label()}"))
-    cost = found.sparse_ms + found.compress_ms
-    speedup = found.dense_ms / cost if cost > 0 else math.inf
+    sparse_ms, dense_ms = found.sparse_ms, found.dense_ms
+    if graphs and found.sparse_graph_ms is not None and found.dense_graph_ms is not None:
+        sparse_ms, dense_ms = found.sparse_graph_ms, found.dense_graph_ms
+    cost = sparse_ms + found.compress_ms
+    speedup = dense_ms / cost if cost > 0 else math.inf
     if speedup < MIN_SPEEDUP:
         return Verdict(False, speedup,
                        f"dense: cost rule (sparse {speedup:.2f}x at {shape.label()})")
@@ -296,6 +309,31 @@ def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
         return statistics.median(times)
 
     return cuda_ms if device.type == "cuda" else host_ms
+
+
+def graph_ms(fn: Callable[[], object], replays: int = 20) -> float:
+    """Median milliseconds per call of ``fn`` replayed from a CUDA graph (device time only)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
 
 
 def _relative_error(out: Tensor, ref: Tensor) -> float:
@@ -361,6 +399,13 @@ def measure(device: torch.device, shape: GemmShape) -> Measurement:
             found_ms = math.inf
         if found_ms < best_ms:
             best, best_ms, best_error = found, found_ms, error
+    graphs = {}
+    if device.type == "cuda":
+        try:
+            graphs = {"sparse_graph_ms": graph_ms(lambda: sparse(best)),
+                      "dense_graph_ms": graph_ms(dense)}
+        except Exception as error:  # noqa: BLE001  (no graph times: eager times are used)
+            log.info("nm cost rule: no CUDA-graph timing for %s (%s)", shape.label(), error)
     return Measurement(
         sparse_ms=best_ms,
         compress_ms=time_ms(lambda: cusparselt.compress(a)),
@@ -369,6 +414,7 @@ def measure(device: torch.device, shape: GemmShape) -> Measurement:
         dense_error=dense_error,
         alg_id=best,
         alg0_ms=alg0_ms,
+        **graphs,
     )
 
 

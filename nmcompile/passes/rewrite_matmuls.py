@@ -378,7 +378,7 @@ class _Rewriter:
             else:
                 packed = ext.packed_t if transposed else ext.packed
         choice = choose(cfg.kernels, role, device=val.device, dtype=val.dtype, m=m, k=k, n=n,
-                        blocker=blocker)
+                        blocker=blocker, graphs=cfg.uses_cuda_graphs)
         if not choice.sparse:
             return choice, None
         if packed is not None:

@@ -201,3 +201,34 @@ def test_the_chosen_algorithm_reaches_the_kernel(cslt, tmp_path):
     kernels = {r["kernel"] for r in nmcompile.read_summary(dump)["matmuls"] if r["kernel"]}
     assert kernels == {"cuSPARSELt (1.43x, alg 17)"}
     assert cslt.mm_calls == 6 and set(cslt.alg_ids) == {17}
+
+
+def test_cuda_graph_times_decide_under_reduce_overhead():
+    shape = _shape()
+    found = cost.Measurement(sparse_ms=1.2, compress_ms=0.05, dense_ms=1.0, sparse_error=2e-3,
+                             dense_error=2e-3, alg_id=17, sparse_graph_ms=0.6,
+                             dense_graph_ms=1.0)
+    assert not cost.judge(shape, found).sparse  # eager: host overhead makes it slower
+    graphs = cost.judge(shape, found, graphs=True)
+    assert graphs.sparse and graphs.alg_id == 17 and graphs.speedup == pytest.approx(1 / 0.65)
+    no_graph_times = cost.Measurement(1.2, 0.05, 1.0, 2e-3, 2e-3)
+    assert not cost.judge(shape, no_graph_times, graphs=True).sparse  # falls back to eager
+
+
+@pytest.mark.slow
+def test_reduce_overhead_mode_asks_the_cost_rule_for_graph_times(cslt, tmp_path, monkeypatch):
+    """``torch.compile(..., backend="nm", mode="reduce-overhead")`` (torch passes the mode to the
+    backend when no options are given): GEMMs are judged by their CUDA-graph times."""
+    def table(device, shape):
+        return cost.Measurement(sparse_ms=1.5, compress_ms=0.05, dense_ms=1.0,
+                                sparse_error=2e-3, dense_error=2e-3, sparse_graph_ms=0.5,
+                                dense_graph_ms=1.0)
+
+    dump = tmp_path / "dump"
+    monkeypatch.setenv("NMCOMPILE_DUMP_DIR", str(dump))
+    with cost.using(cost.CostRule(table, path=None)):
+        compiled = torch.compile(Mlp().bfloat16(), backend="nm", mode="reduce-overhead")
+        compiled(torch.randn(32, 64, dtype=torch.bfloat16)).float().sum().backward()
+    rows = [r for r in nmcompile.read_summary(dump)["matmuls"] if r["kernel"]]
+    assert rows and all(r["kernel"] == "cuSPARSELt (1.82x)" for r in rows), rows
+    assert nmcompile.read_summary(dump)["config"]["mode"] == "reduce-overhead"
