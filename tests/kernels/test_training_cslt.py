@@ -212,3 +212,44 @@ def test_emulate_and_cpu_default_never_call_the_library(cslt, tmp_path, monkeypa
     assert all(r["kernel"] == "dense: no sparse kernel on cpu (masked-dense emulation)"
                for r in rows)
     assert cslt.mm_calls == 0 and cslt.compress_calls == 0
+
+
+def test_bank_refresh_and_compression_never_wait_for_the_device(cslt, monkeypatch):
+    """A training step must not sync the host with the GPU: no ``.item()`` (or any other
+    tensor-to-Python read) while masks are refreshed and weights compressed. ``stats()`` reads
+    the numbers afterwards."""
+    model = Mlp(layers=3).bfloat16()
+    compiled = torch.compile(model, backend="nm", options={
+        "inductor": False, "kernels": "sparse", "min_numel": 0})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    compiled(x).float().sum().backward()  # compile first (tracing may read values)
+    originals = {name: getattr(torch.Tensor, name)
+                 for name in ("item", "tolist", "__bool__", "__float__", "__int__")}
+    in_library = []  # the model of the library checks its inputs; the real one does not sync
+
+    def library(fn):
+        def call(*args, **kwargs):
+            in_library.append(True)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                in_library.pop()
+
+        return call
+
+    monkeypatch.setattr(torch, "_cslt_compress", library(cslt.compress))
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", library(cslt.sparse_mm))
+    for name, original in originals.items():
+        def no_sync(self, *args, _original=original, **kwargs):
+            if not in_library:
+                raise AssertionError("host sync during a training step")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    for _ in range(3):
+        opt.step()
+        compiled(x).float().sum().backward()
+    monkeypatch.undo()
+    stats = nmcompile.stats(model)
+    assert stats["up.weight"].refreshes == 4 and 0 <= stats["up.weight"].flip_rate <= 1
