@@ -68,7 +68,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                   and example_inputs[p.position].is_floating_point()}
     packing = _packing(config, gm, params, candidates)
     if config.masks_outside_graph or packing:
-        bank = MaskBank(config, candidates, packing)
+        bank = MaskBank(config, candidates, packing, {p.position: p.name for p in params})
         mask_inputs = bank.input_positions(len(example_inputs))
         gm = _append_inputs(gm, len(bank.tensors))
         example_inputs += bank.tensors

@@ -121,6 +121,7 @@ class MaskRecord:
     version: tuple[int, int] | None = None  # the weight's state when last seen (weight_token)
     epoch: int = 0
     packs: dict[tuple[torch.dtype, bool], Pack] = field(default_factory=dict)
+    sample: torch.Tensor | None = None  # a sample of the weight at the last checked call
 
 
 def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:

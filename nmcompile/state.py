@@ -18,6 +18,7 @@ the same masks.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -69,8 +70,42 @@ def watch_optimizer_steps() -> None:
 
 def weight_token(param: torch.Tensor) -> tuple[int, int]:
     """A value that changes whenever ``param`` takes an optimizer step: its version counter and
-    the number of ``torch.optim`` ``step()`` calls that updated it."""
+    the number of ``torch.optim`` ``step()`` calls that updated it. For a parameter whose
+    changes were found to escape both (see :data:`CHECKED_CALLS`), a new value at every call."""
+    if param in _UNSEEN:
+        _UNSEEN[param] += 1
+        return param._version, -_UNSEEN[param]
     return param._version, _OPTIMIZER_STEPS.get(param, 0)
+
+
+#: The first calls of every mask bank check that the weights do not change unseen (a
+#: ``.data`` write outside ``torch.optim``): they compare a sample of each weight with the
+#: previous call's, which waits for the device once per call. A weight found changing unseen
+#: is warned about once and treated as stepped at every call from then on.
+CHECKED_CALLS = 3
+_UNSEEN: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> calls since found
+
+
+def _sample(param: torch.Tensor) -> torch.Tensor:
+    flat = param.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 512)].double()
+
+
+def _check_unseen(name: str, record: MaskRecord, param: torch.Tensor) -> None:
+    """Warn (once per parameter) if ``param`` changed since the last call with no step seen."""
+    sample = _sample(param)
+    previous, record.sample = record.sample, sample
+    if (previous is None or param in _UNSEEN or record.version != weight_token(param)
+            or torch.equal(previous, sample)):
+        return
+    _UNSEEN[param] = 0
+    warnings.warn(
+        f"nmcompile: parameter {name} changed between two calls without an optimizer step "
+        "nmcompile can see (a write through .data outside a torch.optim optimizer?); its "
+        "masks and compressed weights are now recomputed at every call, and mask_interval "
+        "counts calls instead of steps. Update weights in place under torch.no_grad() "
+        "(p.add_(...)) or with a torch.optim optimizer to keep them exact.",
+        RuntimeWarning, stacklevel=4)
 
 
 class MaskBank:
@@ -91,10 +126,12 @@ class MaskBank:
         packing: position -> dtype for the parameters whose GEMMs may run on the sparse kernel
             (:func:`nmcompile.kernels.packing_dtype`): each gets two compressed-weight slots,
             ``compress(W*M)`` and ``compress((W*M)^T)`` in that dtype.
+        names: position -> parameter name, for messages.
     """
 
     def __init__(self, config: NMConfig, params: Mapping[int, torch.Tensor],
-                 packing: Mapping[int, torch.dtype] | None = None) -> None:
+                 packing: Mapping[int, torch.dtype] | None = None,
+                 names: Mapping[int, str] | None = None) -> None:
         watch_optimizer_steps()
         self.config = config
         bimask = config.grad_input == "bimask"
@@ -121,6 +158,9 @@ class MaskBank:
             self._slots[pos] = BankSlots(fwd, bwd, packed, packed_t, dtype)
         self._specs: dict[int, tuple[MaskSpec, BackwardSpec | None, tuple[bool, ...]]] = {}
         self._unadopted = set(self._slots)
+        self._calls = 0
+        #: position -> parameter name (for messages)
+        self.names: dict[int, str] = dict(names or {})
 
     def _add(self, tensor: torch.Tensor) -> int:
         self.tensors.append(tensor)
@@ -181,9 +221,13 @@ class MaskBank:
         compressed, for the parameters this call is given."""
         tensors = list(self.tensors)
         records, due = {}, []
+        check = self._calls < CHECKED_CALLS
+        self._calls += 1
         for pos in self._specs:
             param = args[pos]
             records[pos] = record = self._record(pos, param)
+            if check:
+                _check_unseen(self.names.get(pos, f"at graph input {pos}"), record, param)
             _observe(record, param)
             if record.refreshes == 0 or record.steps >= self.config.mask_interval:
                 due.append((record, param))
