@@ -9,10 +9,11 @@ from .config import NMConfig
 from .dump import format_table, read_summary
 from .inference import to_semi_structured
 from .masking import MaskSpec, MaskStats
-from .state import load_mask_state_dict, mask_state_dict, masks, stats
+from .state import apply_masks, load_mask_state_dict, mask_state_dict, masks, stats
 
 __all__ = [
     "MaskSpec",
+    "apply_masks",
     "MaskStats",
     "NMConfig",
     "format_table",

@@ -13,6 +13,7 @@ the config.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -28,7 +29,8 @@ from .config import NMConfig
 from .dump import GraphDump
 from .kernels import autocast_dtypes, packing_dtype
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
-from .state import MaskBank, register_on_call
+from .schedule import Schedule
+from .state import MaskBank, masks_for_call, register_on_call
 
 __all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
@@ -62,6 +64,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     params = graph_parameters(gm, example_inputs, config)
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
+    dense_source = _dense_source(gm, example_inputs) if config.scheduled else None
     bank = mask_inputs = None
     candidates = {p.position: example_inputs[p.position] for p in params
                   if example_inputs[p.position].dim() == 2
@@ -92,7 +95,34 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     else:
         wrapped = register_on_call(rewrite.specs, compiled)
         extra = []
+    if dense_source is not None:
+        wrapped = Schedule(
+            config, [p.position for p in params], lambda: list(rewrite.specs), wrapped,
+            lambda: _compile_dense(*dense_source, config),
+            lambda args: masks_for_call(rewrite.specs, bank, args),
+            dump.note_phase if dump is not None else None)
     return _skip_fake_calls(wrapped, compiled, extra)
+
+
+def _dense_source(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple:
+    """A copy of Dynamo's graph and fake example inputs, for compiling the dense variant later
+    (real activations are not kept alive for it)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes = [n.meta.get("example_value") for n in placeholders]
+    if not all(isinstance(f, FakeTensor) or not isinstance(x, torch.Tensor)
+               for f, x in zip(fakes, example_inputs, strict=True)):
+        fakes = list(example_inputs)
+    return copy.deepcopy(gm), fakes
+
+
+def _compile_dense(gm: fx.GraphModule, example_inputs: list, config: NMConfig) -> Callable:
+    """The graph without the N:M rewrite: Inductor (in ``config.mode``), or op by op."""
+    if config.inductor:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(config.mode))
+    return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
 
 def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],

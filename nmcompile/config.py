@@ -110,6 +110,10 @@ class NMConfig:
         mode: Inductor's compile mode, one of :data:`MODES` (``torch.compile(mode=...)`` sets
             it too, when no ``options`` are given): ``reduce-overhead`` captures the compiled
             graphs in CUDA graphs, ``max-autotune`` also tunes Inductor's kernels.
+        sparse_start: optimizer steps of dense training before the sparse phase (0: sparse from
+            the start); see :mod:`nmcompile.schedule`.
+        sparse_stop: the optimizer step from which training is dense again, after the masked
+            weights are pruned in place (``None``: sparse to the end).
     """
 
     n: int = 2
@@ -133,6 +137,8 @@ class NMConfig:
     inductor: bool = True
     kernels: str = "auto"
     mode: str = "default"
+    sparse_start: int = 0
+    sparse_stop: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("n", "m", "mvue_n", "mvue_m", "min_numel", "bimask_candidates",
@@ -188,6 +194,13 @@ class NMConfig:
             raise ValueError(f"NMConfig.dump_dir must be a path or None, got {self.dump_dir!r}")
         if not isinstance(self.inductor, bool):
             raise ValueError(f"NMConfig.inductor must be a bool, got {self.inductor!r}")
+        if not _is_int(self.sparse_start) or self.sparse_start < 0:
+            raise ValueError(f"NMConfig.sparse_start must be an int >= 0 (optimizer steps), got "
+                             f"{self.sparse_start!r}")
+        if self.sparse_stop is not None and (not _is_int(self.sparse_stop)
+                                             or self.sparse_stop <= self.sparse_start):
+            raise ValueError(f"NMConfig.sparse_stop must be None or an int > sparse_start="
+                             f"{self.sparse_start} (optimizer steps), got {self.sparse_stop!r}")
         if self.mode != "default" and not self.inductor:
             raise ValueError(
                 f"NMConfig.mode={self.mode!r} is an Inductor mode and needs inductor=True")
@@ -215,6 +228,11 @@ class NMConfig:
         if self.grad_input == "bimask" or self.m > MAX_PATTERN_M:
             return "rowwise"  # min-cost flow for m > 4 is opt-in: it runs outside the graph
         return "transposable"
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether training has a dense phase (``sparse_start > 0`` or a ``sparse_stop``)."""
+        return self.sparse_start > 0 or self.sparse_stop is not None
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -3,6 +3,7 @@
 Layout of a dump folder (``options={"dump_dir": DIR}`` or ``NMCOMPILE_DUMP_DIR``)::
 
     DIR/summary.json, DIR/summary.txt     every matmul of every graph this process compiled
+    DIR/phases.txt                        the schedule's phases as each graph entered them
     DIR/graph_<k>/joint_before.py         joint forward+backward graph as AOTAutograd traced it
     DIR/graph_<k>/joint_after.py          ... after the N:M rewrite
     DIR/graph_<k>/forward.py, backward.py the partitioned graphs handed to the compiler
@@ -79,6 +80,17 @@ class GraphDump:
             "artifact",
             metadata_fn=lambda: {"name": f"nm_graph{self.graph_id}_{name}", "encoding": "string"},
             payload_fn=lambda: text,
+        )
+
+    def note_phase(self, step: int, phase: str) -> None:
+        """Record a change of the schedule's phase: a line of ``DIR/phases.txt``."""
+        line = f"graph {self.graph_id}: from optimizer step {step}: {phase}\n"
+        with open(self.root / "phases.txt", "a") as out:
+            out.write(line)
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": f"nm_graph{self.graph_id}_phase", "encoding": "string"},
+            payload_fn=lambda: line,
         )
 
     def write_records(self, records: Sequence[Any], config: Mapping[str, Any]) -> None:

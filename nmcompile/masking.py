@@ -77,13 +77,16 @@ class MaskStats:
 
     ``flip_rate``: fraction of mask entries that changed since the previous refresh (``None``
     at the first). ``density``: fraction of entries kept. ``kept_fraction``: share of ``|W|``
-    the mask keeps.
+    the mask keeps. ``phase``: the schedule's phase at the weight's last call (``sparse``, or
+    ``dense (...)`` naming the bound; :mod:`nmcompile.schedule`): in a dense phase no mask is
+    applied and the figures are those of the last mask.
     """
 
     refreshes: int
     flip_rate: float | None
     density: float
     kept_fraction: float
+    phase: str = "sparse"
 
 
 @dataclass

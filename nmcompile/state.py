@@ -17,6 +17,7 @@ the same masks.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -43,10 +44,11 @@ from .masking import (
     register,
 )
 from .ops.emulation import masked_weight
+from .schedule import phase_of
 from .solvers import transposable_masks_scored
 
-__all__ = ["MaskBank", "load_mask_state_dict", "mask_state_dict", "masks", "register_on_call",
-           "stats", "weight_token"]
+__all__ = ["MaskBank", "apply_masks", "load_mask_state_dict", "mask_state_dict", "masks",
+           "masks_for_call", "register_on_call", "stats", "weight_token"]
 
 log = logging.getLogger(__name__)
 _PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()  # states loaded before compilation
@@ -369,13 +371,47 @@ def masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     unwrapped, so its names match the original model's); values have the weight's shape.
     Masks the graph computes itself are recomputed from the current weights exactly as the
     graph computes them at its next step; masks solved outside the graph are copied.
-    Empty until the compiled model has run once (compilation happens at the first call).
+    Empty until the compiled model has run once (compilation happens at the first call);
+    a weight whose last call ran in a dense phase of the schedule (``sparse_start``,
+    ``sparse_stop``) has no mask in use and is left out.
     """
-    return {name: _current(param, record) for name, param, record in _named_records(model)}
+    return {name: _current(param, record) for name, param, record in _named_records(model)
+            if phase_of(param) in (None, "sparse")}
+
+
+def apply_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Prune every masked weight in place, ``W <- W*M`` with the masks :func:`masks` reports,
+    and return those masks (for export, or for a schedule of one's own).
+
+    The pruned model computes dense what the compiled sparse model computed: after it, a
+    dense backend (or ``nmcompile.to_semi_structured`` on a GPU) serves the same function.
+    """
+    found = masks(model)
+    params = dict(getattr(model, "_orig_mod", model).named_parameters())
+    with torch.no_grad():
+        for name, mask in found.items():
+            params[name].mul_(mask.to(params[name].device))
+    return found
+
+
+def masks_for_call(specs: Mapping[int, MaskSpec], bank: MaskBank | None,
+                   args: Sequence[Any]) -> dict[int, torch.Tensor]:
+    """Position -> the mask a compiled graph would apply in a call with ``args``."""
+    if bank is not None:
+        bank.inputs(args)  # refreshes what is due, as the call would
+    out = {}
+    for pos in specs:
+        param = args[pos]
+        record = record_of(param)
+        if record is None or record.spec != specs[pos]:
+            record = MaskRecord(specs[pos])
+        out[pos] = _current(param, record)
+    return out
 
 
 def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
-    """:class:`MaskStats` (flip rate, density, kept-magnitude fraction) of every masked weight.
+    """:class:`MaskStats` (flip rate, density, kept-magnitude fraction, schedule phase) of every
+    masked weight (and of every weight a scheduled graph will mask, before ``sparse_start``).
 
     Masks solved outside the graph report their latest refresh. Masks the graph recomputes
     at every step report the current mask, with the flip rate measured against the mask seen
@@ -383,13 +419,20 @@ def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     """
     out = {}
     for name, param, record in _named_records(model):
+        phase = phase_of(param) or "sparse"
         if record.forward is not None and record.stats is not None:
-            out[name] = record.stats.read()
+            out[name] = dataclasses.replace(record.stats.read(), phase=phase)
             continue
         mask = _current(param, record)
         record.refreshes += 1
-        out[name] = mask_stats(param, mask, record.previous, record.refreshes)
+        out[name] = dataclasses.replace(
+            mask_stats(param, mask, record.previous, record.refreshes), phase=phase)
         record.previous = mask
+    root = getattr(model, "_orig_mod", model)
+    for name, param in root.named_parameters():
+        phase = phase_of(param)
+        if name not in out and phase is not None:  # dense before sparse_start: no mask yet
+            out[name] = MaskStats(0, None, 1.0, 1.0, phase)
     return out
 
 
