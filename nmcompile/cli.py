@@ -1,4 +1,4 @@
-"""Command line: ``nmcompile {demo,dump,solve,bench} [flags]`` (also ``python -m nmcompile``).
+"""Command line: ``nmcompile {demo,dump,solve,prune,bench} [flags]`` (also ``python -m nmcompile``).
 
 Exit codes: 0 success, 1 failure while running, 2 usage error (argparse's convention).
 """
@@ -89,6 +89,20 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
                        help="also solve embeddings and LM heads (the default layer filter)")
     solve.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+    prune = sub.add_parser(
+        "prune", help="write the pruned state_dict (W*M) and the masks of a checkpoint",
+        description="Prune every masked weight of a training checkpoint (W <- W*M) and write "
+        "the pruned state_dict to --out and the masks ({name: bool mask}) beside it. "
+        "CHECKPOINT: torch.save({'model': model.state_dict(), 'masks': "
+        "nmcompile.mask_state_dict(model)}) (a bare state_dict works with --masks).")
+    prune.add_argument("checkpoint", metavar="CHECKPOINT")
+    prune.add_argument("--out", required=True, help="the pruned state_dict")
+    prune.add_argument("--masks", default=None,
+                       help="masks file ({name: bool mask}, e.g. from nmcompile solve) instead "
+                       "of the checkpoint's 'masks'")
+    prune.add_argument("--masks-out", default=None,
+                       help="where the masks go (default: OUT with .masks.pt)")
+
     bench = sub.add_parser(
         "bench", help="run the mask-solver benchmark (and GPU rows when CUDA is present)",
         description="Run benchmarks/solvers.py --quick (from a source checkout); its table "
@@ -164,7 +178,7 @@ def _run_tool(args: argparse.Namespace) -> int:
     from . import cli_tools
 
     run = {"dump": cli_tools.run_dump, "solve": cli_tools.run_solve,
-           "bench": cli_tools.run_bench}[args.command]
+           "prune": cli_tools.run_prune, "bench": cli_tools.run_bench}[args.command]
     try:
         return run(args)
     except cli_tools.CliError as error:

@@ -212,6 +212,83 @@ def run_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- prune -----------------------------------------------------------------------------------
+def _read(path: str) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file is one CLI error
+        raise CliError(f"cannot read {path}: {type(error).__name__}: "
+                       f"{str(error).splitlines()[0] if str(error) else ''}") from None
+
+
+def _bool_masks(found: Any, origin: str) -> dict[str, Any]:
+    """``{name: bool mask}`` from a mask file or a checkpoint's ``masks`` entry, as
+    ``nmcompile solve`` / ``apply_masks`` write them or as ``mask_state_dict`` does."""
+    import torch
+
+    if not isinstance(found, Mapping):
+        raise CliError(f"{origin}: masks must be a mapping of parameter names, got "
+                       f"{type(found).__name__}")
+    out = {}
+    for name, entry in found.items():
+        mask = entry.get("forward") if isinstance(entry, Mapping) else entry
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise CliError(f"{origin}: the mask of {name} is not a bool tensor")
+        out[str(name)] = mask
+    return out
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Write the pruned ``state_dict`` (``W*M`` for every masked weight) and the masks."""
+    import torch
+    from tabulate import tabulate
+
+    data = _read(args.checkpoint)
+    masks_in = data.get("masks") if isinstance(data, Mapping) else None
+    if args.masks is not None:
+        masks_in, origin = _read(args.masks), args.masks
+    else:
+        origin = f"{args.checkpoint} ['masks']"
+    if masks_in is None:
+        raise CliError(f"no masks in {args.checkpoint}: save {{'model': model.state_dict(), "
+                       "'masks': nmcompile.mask_state_dict(model)}, or pass --masks FILE "
+                       "(e.g. from nmcompile solve)")
+    masks = _bool_masks(masks_in, origin)
+    if isinstance(data, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(data.get(key), Mapping):
+                data = data[key]
+                break
+    if not isinstance(data, Mapping):
+        raise CliError(f"{args.checkpoint} holds no state_dict")
+    state = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(state) != len(data):
+        raise CliError(f"the state_dict in {args.checkpoint} has non-tensor entries")
+    unknown = sorted(set(masks) - set(state))
+    if unknown:
+        raise CliError(f"masks name weights the state_dict does not have: {unknown[:5]}")
+    rows = []
+    for name, mask in masks.items():
+        weight = state[name]
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise CliError(f"the mask of {name} is {tuple(mask.shape)}, the weight "
+                           f"{tuple(weight.shape)}")
+        state[name] = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
+        total = weight.abs().double().sum()
+        kept = float((weight.abs().double() * mask).sum() / total) if total > 0 else 1.0
+        rows.append([name, "x".join(map(str, weight.shape)),
+                     f"{mask.double().mean().item():.4f}", f"{kept:.4f}"])
+    masks_out = args.masks_out or str(Path(args.out).with_suffix("")) + ".masks.pt"
+    torch.save(state, args.out)
+    torch.save(masks, masks_out)
+    print(tabulate(rows, headers=["weight", "shape", "density", "kept |W|"],
+                   tablefmt="github"))
+    print(f"\n{len(masks)} weights pruned -> {args.out} (state_dict); masks -> {masks_out}")
+    return 0
+
+
 # -- bench -----------------------------------------------------------------------------------
 def run_bench(args: argparse.Namespace) -> int:
     """The solver benchmark (``benchmarks/solvers.py``), with CUDA rows when a GPU is present."""

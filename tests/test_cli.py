@@ -29,7 +29,7 @@ def test_python_dash_m_help_and_missing_command():
     assert bad.returncode == 2 and "COMMAND" in bad.stderr
 
 
-@pytest.mark.parametrize("command", ["demo", "dump", "solve", "bench"])
+@pytest.mark.parametrize("command", ["demo", "dump", "solve", "prune", "bench"])
 def test_help_of_every_command_exits_0(command, capsys):
     assert main([command, "--help"]) == 0
     assert f"usage: nmcompile {command}" in capsys.readouterr().out
@@ -176,3 +176,63 @@ def test_bench_real_quick_run(capfd):
     assert main(["bench"]) == 0
     out = capfd.readouterr().out
     assert "| 1024x1024 | 2:4     | mcf" in out
+
+
+def _trained_checkpoint(tmp_path):
+    import nmcompile
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                torch.nn.Linear(32, 16))
+    compiled = torch.compile(model, backend="nm", options={"inductor": False, "min_numel": 0})
+    x = torch.randn(8, 16)
+    out = compiled(x)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "masks": nmcompile.mask_state_dict(model),
+                "step": 1}, path)
+    return model, x, out.detach(), path
+
+
+def test_prune_writes_the_pruned_state_dict_and_masks(tmp_path, capsys):
+    model, x, sparse_out, ckpt = _trained_checkpoint(tmp_path)
+    out = tmp_path / "pruned.pt"
+    assert main(["prune", str(ckpt), "--out", str(out)]) == 0
+    assert "2 weights pruned" in capsys.readouterr().out
+    pruned = torch.load(out, weights_only=True)
+    masks = torch.load(tmp_path / "pruned.masks.pt", weights_only=True)
+    assert set(masks) == {"0.weight", "2.weight"}
+    for name, value in model.state_dict().items():
+        want = torch.where(masks[name], value, 0) if name in masks else value
+        assert torch.equal(pruned[name], want), name
+    fresh = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                torch.nn.Linear(32, 16))
+    fresh.load_state_dict(pruned)  # served dense, it computes what the sparse model did
+    torch.testing.assert_close(fresh(x), sparse_out)
+
+
+def test_prune_with_masks_from_solve(tmp_path):
+    torch.manual_seed(0)
+    state = {"w": torch.randn(8, 16), "b": torch.randn(8)}
+    torch.save(state, tmp_path / "sd.pt")
+    torch.save({"w": transposable_mask(state["w"], 2, 4)}, tmp_path / "m.pt")
+    assert main(["prune", str(tmp_path / "sd.pt"), "--masks", str(tmp_path / "m.pt"),
+                 "--out", str(tmp_path / "p.pt"), "--masks-out", str(tmp_path / "k.pt")]) == 0
+    pruned = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert torch.equal(pruned["w"], torch.where(transposable_mask(state["w"], 2, 4),
+                                                state["w"], 0))
+    assert torch.equal(pruned["b"], state["b"]) and (tmp_path / "k.pt").exists()
+
+
+@pytest.mark.parametrize("masks, message", [
+    (None, "no masks in"),
+    ({"missing.weight": torch.ones(8, 16, dtype=torch.bool)}, "does not have"),
+    ({"w": torch.ones(16, 8, dtype=torch.bool)}, "the mask of w is (16, 8)"),
+    ({"w": torch.ones(8, 16)}, "not a bool tensor"),
+])
+def test_prune_bad_inputs_exit_1(tmp_path, capsys, masks, message):
+    data = {"model": {"w": torch.randn(8, 16)}}
+    if masks is not None:
+        data["masks"] = masks
+    torch.save(data, tmp_path / "c.pt")
+    assert main(["prune", str(tmp_path / "c.pt"), "--out", str(tmp_path / "p.pt")]) == 1
+    assert message in capsys.readouterr().err
