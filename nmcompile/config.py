@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .solvers.mvue import MAX_M as MVUE_MAX_M
 from .solvers.patterns import MAX_PATTERN_M
 
 __all__ = [
@@ -56,9 +57,9 @@ BIMASK_METHODS = ("random", "optimized")
 #: ``fst`` = the activation X pruned n:m along tokens by a FIXED mask plus a gradient shift that
 #: restores the dropped tokens' contribution (Fully Sparse Training; needs n to divide m).
 GRAD_WEIGHT_POLICIES = ("dense", "mvue", "fst")
-#: ``mvue_method``: ``exact`` MVUE, or the cheaper two-draw ``approx`` (also unbiased; 2:4).
+#: ``mvue_method``: ``exact`` MVUE, or the cheaper ``approx`` (also unbiased, larger variance;
+#: :mod:`nmcompile.solvers.mvue`).
 MVUE_METHODS = ("exact", "approx")
-MVUE_RATIOS = ((1, 2), (2, 4))
 #: ``kernels``: ``auto`` = the 2:4 sparse kernel (cuSPARSELt) for each GEMM the cost rule measured
 #: right and faster on this GPU, dense elsewhere; ``sparse`` = the sparse kernel for every GEMM
 #: its contract allows (no timing, no self-check); ``emulate`` = masked-dense everywhere.
@@ -92,7 +93,8 @@ class NMConfig:
             mask. Above 1, or with a solver that cannot run in the graph, masks are computed
             outside the graph and handed to it as inputs.
         grad_weight: grad-weight policy, one of :data:`GRAD_WEIGHT_POLICIES`.
-        mvue_n, mvue_m: the ratio ``grad_weight="mvue"`` prunes dY to (1:2 or 2:4).
+        mvue_n, mvue_m: the ratio ``grad_weight="mvue"`` prunes dY to (any ``0 < mvue_n <
+            mvue_m <= 8``; 1:2 and 2:4 run on the 2:4 sparse kernel, like 1:4 and 2:8).
         mvue_method: one of :data:`MVUE_METHODS`.
         decay: masked decay (SR-STE) ``alpha``: the backward graph adds
             ``alpha * (1 - mask) * W`` to each masked weight's gradient; 0 disables it.
@@ -166,10 +168,10 @@ class NMConfig:
                 raise ValueError(
                     f"NMConfig.{key}={getattr(self, key)!r} is not one of {', '.join(choices)}"
                 )
-        if (self.mvue_n, self.mvue_m) not in MVUE_RATIOS:
+        if not 0 < self.mvue_n < self.mvue_m <= MVUE_MAX_M:
             raise ValueError(
                 f"NMConfig.mvue_n:mvue_m={self.mvue_n}:{self.mvue_m} is not supported; "
-                "MVUE gradient pruning supports 1:2 and 2:4"
+                f"MVUE gradient pruning needs 0 < mvue_n < mvue_m <= {MVUE_MAX_M}"
             )
         if self.grad_weight == "fst" and self.m % self.n:
             raise ValueError(

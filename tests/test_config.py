@@ -43,6 +43,8 @@ def test_config_object_and_overrides():
         ({"config": {"n": 2}}, ["options['config']"]),
         ({"exclude": "lm_head"}, ["NMConfig.exclude", "sequence"]),
         ({"param_filter": 3}, ["param_filter", "callable"]),
+        ({"mvue_n": 4, "mvue_m": 16}, ["mvue_n:mvue_m=4:16", "<= 8"]),
+        ({"mvue_n": 2, "mvue_m": 2}, ["mvue_n:mvue_m=2:2"]),
         ({"kernels": "cusparselt"}, ["kernels='cusparselt'", "auto", "sparse", "emulate"]),
         ({"mode": "fast"}, ["mode='fast'", "reduce-overhead", "max-autotune"]),
         ({"mode": "reduce-overhead", "inductor": False}, ["mode='reduce-overhead'",

@@ -4,8 +4,11 @@ Pruning the output gradient ``dY`` to N:M by magnitude is biased, and the bias a
 over training. MVUE pruning keeps each element ``a_i`` of a group with an inclusion
 probability ``p_i`` and rescales a kept element to ``a_i / p_i``, so ``E[out] = x`` exactly.
 
+Any ratio ``0 < n < m <= 8`` (1:2, 2:4, 1:4, 2:8, 4:8, ...):
+
 * ``exact``: ``p_i = min(1, |a_i| / d)``, with ``d`` chosen so that ``sum(p) = n``
-  (water-filling: an element with ``|a_i| >= d`` is kept surely). Among unbiased estimators
+  (water-filling over the group's sorted magnitudes: an element with ``|a_i| >= d`` is kept
+  surely). Among unbiased estimators
   keeping at most ``n`` per group this minimises the variance ``sum(a_i^2 (1/p_i - 1))``.
   The kept set is drawn by systematic sampling: lay the non-sure ``p_i`` end to end on
   ``[0, b)`` (``b`` = number of slots left after the sure elements) and keep the elements
@@ -14,10 +17,16 @@ probability ``p_i`` and rescales a kept element to ``a_i / p_i``, so ``E[out] = 
   interval is half-open and no longer than 1 it holds at most one point: the ``b`` points
   select ``b`` distinct elements. For 1:2 this is "keep ``a_i`` with probability
   ``|a_i| / (|a_1| + |a_2|)`` at value ``sign(a_i)(|a_1| + |a_2|)``".
-* ``approx`` (2:4 only; 1:2 falls back to exact, which it equals): draw ``i`` with
-  probability ``|a_i| / S``, then ``j != i`` with probability ``|a_j| / (S - |a_i|)``, and
-  rescale each kept element by its inclusion probability under that two-draw scheme,
-  ``pi_k = q_k + |a_k| * sum_{i != k} q_i / (S - |a_i|)`` with ``q = |a| / S``.
+* ``approx``, cheaper (no sort) and also unbiased, with a larger variance:
+
+  - 2:4: draw ``i`` with probability ``|a_i| / S``, then ``j != i`` with probability
+    ``|a_j| / (S - |a_i|)``, and rescale each kept element by its inclusion probability under
+    that two-draw scheme, ``pi_k = q_k + |a_k| * sum_{i != k} q_i / (S - |a_i|)`` with
+    ``q = |a| / S``;
+  - 1:2: the exact method (they coincide);
+  - other ratios: ``p_i = min(1, n |a_i| / S)`` without water-filling (the mass clipped off a
+    dominant element is not handed to the others, so a group may keep fewer than ``n``), drawn
+    by the same systematic sampling.
 
 Groups with at most ``n`` non-zeros are kept exactly, all-zero groups stay zero. Everything
 is plain torch ops without data-dependent Python control flow, so the backend can trace it
@@ -30,9 +39,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mvue"]
+__all__ = ["MAX_M", "mvue"]
 
-_SUPPORTED = ((1, 2), (2, 4))
+#: Largest group size ``m`` (the sorts and sampling work on groups of up to 8 elements).
+MAX_M = 8
 _METHODS = ("exact", "approx")
 
 
@@ -51,8 +61,8 @@ def mvue(
     proportional to magnitude). Uniforms come from ``torch.rand(..., generator=generator)``,
     so ``torch.manual_seed`` (or a seeded ``generator``) makes a draw reproducible.
     """
-    if (n, m) not in _SUPPORTED:
-        raise ValueError(f"mvue supports the ratios 1:2 and 2:4, got {n}:{m}")
+    if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m <= MAX_M):
+        raise ValueError(f"mvue needs 0 < n < m <= {MAX_M}, got {n}:{m}")
     if method not in _METHODS:
         raise ValueError(f"mvue method must be one of {_METHODS}, got {method!r}")
     if x.dim() < 1 or x.shape[-1] % m:
@@ -61,10 +71,12 @@ def mvue(
         )
     work = torch.promote_types(x.dtype, torch.float32)
     groups = x.to(work).reshape(*x.shape[:-1], x.shape[-1] // m, m)
-    if method == "exact" or n == 1:
+    if method == "exact" or (n, m) == (1, 2):
         out = _exact(groups, n, generator)
-    else:
+    elif (n, m) == (2, 4):
         out = _approx(groups, generator)
+    else:
+        out = _proportional(groups, n, generator)
     return out.reshape(x.shape).to(x.dtype)
 
 
@@ -83,37 +95,72 @@ def _bounds(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([torch.zeros_like(end[..., :1]), end[..., :-1]], dim=-1), end
 
 
+def _water_level(mag: torch.Tensor, n: int) -> torch.Tensor:
+    """The level ``d`` with ``sum(min(1, |a|/d)) = n`` for groups of more than ``n`` non-zeros.
+
+    With the magnitudes sorted, ``s_0 >= s_1 >= ...``: if ``k`` elements are kept surely,
+    ``d_k = sum_{i >= k} s_i / (n - k)``; the answer is the first ``k`` whose ``s_k <= d_k``
+    (one exists: ``k = n - 1`` always qualifies).
+    """
+    s = mag.sort(dim=-1, descending=True).values
+    tail = s.flip(-1).cumsum(dim=-1).flip(-1)[..., :n]  # sum_{i >= k} s_i, k < n
+    left = torch.arange(n, 0, -1, device=mag.device, dtype=mag.dtype)  # n - k
+    level = tail / left
+    first = (s[..., :n] <= level).to(torch.int8).argmax(dim=-1, keepdim=True)
+    return level.gather(-1, first)
+
+
 def _exact(groups: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Exact MVUE draw on ``[..., g, m]`` groups for ``n`` in {1, 2}."""
+    """Exact MVUE draw on ``[..., g, m]`` groups."""
     mag = groups.abs()
     nonzero = mag > 0
     few = nonzero.sum(dim=-1, keepdim=True) <= n
-    total = mag.sum(dim=-1, keepdim=True)
-    # Water level d: sum(min(1, |a|/d)) = n. For n = 2 the largest element is kept surely
-    # when 2*max >= S, and the other three share one slot: d = S - max. Otherwise d = S/n.
-    top = mag.amax(dim=-1, keepdim=True)
-    level = total / n
-    if n == 2:
-        level = torch.where(2 * top >= total, total - top, level)
+    level = _water_level(mag, n)
     level = torch.where(few | (level <= 0), torch.ones_like(level), level)
     prob = torch.clamp(mag / level, max=1.0)
     sure = few & nonzero | (prob >= 1)
     prob = torch.where(sure, torch.ones_like(prob), torch.where(few, 0.0, prob))
-
-    # Systematic sampling over the non-sure elements with b = n - #sure points u + k.
-    budget = n - sure.sum(dim=-1, keepdim=True)
-    share = torch.where(sure, torch.zeros_like(prob), prob)
-    start, end = _bounds(share)
-    u = _uniform(groups, 1, generator)
-    # Points below position t: clamp(ceil(t - u), 0, b). Element k holds a point iff the
-    # count rises between its interval's start and end; the last end is b by construction.
-    end = torch.cat([end[..., :-1], budget.to(end.dtype)], dim=-1)
-    below_start = torch.clamp(torch.ceil(start - u), min=0)
-    below_end = torch.minimum(torch.clamp(torch.ceil(end - u), min=0), budget.to(end.dtype))
-    picked = (below_end > below_start) & (share > 0)
-
+    picked = _systematic(prob, sure, n, generator, exact_total=True)
     kept_value = torch.where(sure, groups, torch.sign(groups) * level)
     return torch.where(sure | picked, kept_value, torch.zeros_like(groups))
+
+
+def _systematic(prob: torch.Tensor, sure: torch.Tensor, n: int,
+                generator: torch.Generator | None, exact_total: bool) -> torch.Tensor:
+    """Which non-sure elements systematic sampling keeps, each with probability ``prob``.
+
+    The non-sure ``prob`` are laid end to end and the points ``u, u+1, ...`` (one uniform
+    ``u`` per group) select the elements whose interval holds one: an interval no longer than
+    1 holds at most one point, so at most ``budget = n - #sure`` distinct elements are kept.
+    ``exact_total``: the probabilities sum to ``budget`` exactly (water-filling); the last
+    end is then set to it, so rounding cannot lose the last point.
+    """
+    budget = (n - sure.sum(dim=-1, keepdim=True)).to(prob.dtype)
+    share = torch.where(sure, torch.zeros_like(prob), prob)
+    start, end = _bounds(share)
+    u = _uniform(prob, 1, generator)
+    if exact_total:
+        end = torch.cat([end[..., :-1], budget], dim=-1)
+    # Points below position t: clamp(ceil(t - u), 0, budget). Element k holds a point iff the
+    # count rises between its interval's start and end.
+    below_start = torch.clamp(torch.ceil(start - u), min=0)
+    below_end = torch.minimum(torch.clamp(torch.ceil(end - u), min=0), budget)
+    return (below_end > below_start) & (share > 0)
+
+
+def _proportional(groups: torch.Tensor, n: int,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Approximate MVUE for any ratio: ``p_i = min(1, n |a_i| / S)``, systematic sampling."""
+    mag = groups.abs()
+    nonzero = mag > 0
+    few = nonzero.sum(dim=-1, keepdim=True) <= n
+    total = mag.sum(dim=-1, keepdim=True)
+    prob = torch.clamp(n * mag / torch.where(total > 0, total, torch.ones_like(total)), max=1.0)
+    sure = few & nonzero | (prob >= 1)
+    prob = torch.where(sure, torch.ones_like(prob), torch.where(few, 0.0, prob))
+    picked = _systematic(prob, sure, n, generator, exact_total=False)
+    safe = torch.where(prob > 0, prob, torch.ones_like(prob))
+    return torch.where(sure | picked, groups / safe, torch.zeros_like(groups))
 
 
 def _approx(groups: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -260,9 +260,9 @@ class _MvueLinear(torch.autograd.Function):
     """Reference of the same estimator, eager: masked forward/grad-input, MVUE grad-weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, method):
+    def forward(ctx, x, weight, mask, method, ratio):
         ctx.save_for_backward(x, weight, mask)
-        ctx.method = method
+        ctx.method, ctx.ratio = method, ratio
         return x @ torch.where(mask, weight, 0).t()
 
     @staticmethod
@@ -270,16 +270,17 @@ class _MvueLinear(torch.autograd.Function):
         from nmcompile.solvers import mvue
 
         x, weight, mask = ctx.saved_tensors
-        pruned = mvue(grad.t().contiguous(), 2, 4, method=ctx.method)  # [out, tokens]
-        return grad @ torch.where(mask, weight, 0), pruned @ x, None, None
+        pruned = mvue(grad.t().contiguous(), *ctx.ratio, method=ctx.method)  # [out, tokens]
+        return grad @ torch.where(mask, weight, 0), pruned @ x, None, None, None
 
 
 @pytest.mark.parametrize("method", ["exact", "approx"])
-def test_mvue_grad_weight_matches_reference_estimator(tmp_path, method):
+@pytest.mark.parametrize("ratio", [(2, 4), (1, 4), (2, 8), (4, 8)])
+def test_mvue_grad_weight_matches_reference_estimator(tmp_path, method, ratio):
     torch.manual_seed(0)
     model = Mlp(bias=False)
     x = torch.randn(16, 16, requires_grad=True)
-    opts = {"grad_weight": "mvue", "mvue_method": method}
+    opts = {"grad_weight": "mvue", "mvue_method": method, "mvue_n": ratio[0], "mvue_m": ratio[1]}
     compiled = torch.compile(model, backend="nm", fullgraph=True,
                              options={"inductor": False, "dump_dir": str(tmp_path),
                                       "min_numel": 0, **opts})
@@ -290,8 +291,8 @@ def test_mvue_grad_weight_matches_reference_estimator(tmp_path, method):
 
     xr = x.detach().clone().requires_grad_()
     weights = [p.detach().clone().requires_grad_() for p in (model.fc1.weight, model.fc2.weight)]
-    h = F.gelu(_MvueLinear.apply(xr, weights[0], masks["fc1.weight"], method))
-    yr = _MvueLinear.apply(h, weights[1], masks["fc2.weight"], method)
+    h = F.gelu(_MvueLinear.apply(xr, weights[0], masks["fc1.weight"], method, ratio))
+    yr = _MvueLinear.apply(h, weights[1], masks["fc2.weight"], method, ratio)
     torch.manual_seed(7)
     yr.square().sum().backward()
     torch.testing.assert_close(y, yr)
@@ -299,7 +300,8 @@ def test_mvue_grad_weight_matches_reference_estimator(tmp_path, method):
     for param, ref in zip((model.fc1.weight, model.fc2.weight), weights, strict=True):
         torch.testing.assert_close(param.grad, ref.grad, rtol=1e-5, atol=1e-6)
     rows = _rows(read_summary(tmp_path), "grad_weight")
-    assert [r["became"] for r in rows] == [f"nm.sparse_mm (dY mvue 2:4 {method})"] * 2
+    n, m = ratio
+    assert [r["became"] for r in rows] == [f"nm.sparse_mm (dY mvue {n}:{m} {method})"] * 2
     assert counters["nmcompile"]["grad_weight_sparse"] == 2
 
 

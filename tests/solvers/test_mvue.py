@@ -36,6 +36,18 @@ CASES_24 = [
     [0.2, 0.4, 0.0, 0.6],
 ]
 CASES_12 = [[3.0, -1.0], [1.0, 1.0], [0.0, 0.0], [0.0, -2.0], [-0.5, -4.0], [1e-4, 1.0]]
+# Groups of 8 for 2:8, 3:8 and 4:8: one, two and three dominant elements (kept surely at the
+# matching n), ties, zeros, fewer than n non-zeros, tiny values.
+CASES_8 = [
+    [10.0, -1.0, 0.5, 0.1, 0.2, -0.3, 0.0, 0.4],
+    [5.0, -5.0, 4.0, 0.1, 0.1, 0.1, 0.1, 0.1],
+    [1.0] * 8,
+    [0.0, 0.0, 3.0, 0.0, -1.0, 0.0, 0.0, 0.0],
+    [0.0] * 8,
+    [1e-3, 2.0, 1e-3, 3.0, -0.5, 0.25, 7.0, 0.0],
+    [-0.3, -0.7, -1.1, -0.2, 0.9, 0.8, 0.6, -0.1],
+]
+# 1:4 uses the 2:4 cases.
 
 
 def _ref_exact_probs(group: list[float], n: int) -> list[float]:
@@ -70,11 +82,24 @@ def _ref_approx_probs(group: list[float]) -> list[float]:
     return probs
 
 
+def _ref_proportional_probs(group: list[float], n: int) -> list[float]:
+    """The approximate method for ratios other than 2:4: min(1, n |a| / S)."""
+    mag = [abs(v) for v in group]
+    if sum(v > 0 for v in mag) <= n:
+        return [1.0 if v > 0 else 0.0 for v in mag]
+    return [min(1.0, n * v / sum(mag)) for v in mag]
+
+
 def _ref_probs(cases: list[list[float]], n: int, method: str) -> torch.Tensor:
-    rows = [
-        _ref_approx_probs(g) if method == "approx" and n == 2 else _ref_exact_probs(g, n)
-        for g in cases
-    ]
+    m = len(cases[0])
+    rows = []
+    for g in cases:
+        if method == "approx" and (n, m) == (2, 4):
+            rows.append(_ref_approx_probs(g))
+        elif method == "approx" and (n, m) != (1, 2):
+            rows.append(_ref_proportional_probs(g, n))
+        else:
+            rows.append(_ref_exact_probs(g, n))
     return torch.tensor(rows, dtype=torch.float64).flatten()
 
 
@@ -95,6 +120,8 @@ def _assert_unbiased(draws: torch.Tensor, x: torch.Tensor, probs: torch.Tensor) 
 
 CONFIGS = [(2, 4, "exact", CASES_24), (2, 4, "approx", CASES_24), (1, 2, "exact", CASES_12)]
 CONFIGS += [(1, 2, "approx", CASES_12)]
+CONFIGS += [(n, m, method, CASES_8 if m == 8 else CASES_24)
+            for n, m in ((1, 4), (2, 8), (3, 8), (4, 8)) for method in ("exact", "approx")]
 
 
 @pytest.mark.parametrize(("n", "m", "method", "cases"), CONFIGS)
@@ -163,7 +190,7 @@ def test_exact_variance_not_above_approx() -> None:
 
 
 @pytest.mark.parametrize("method", ["exact", "approx"])
-@pytest.mark.parametrize(("n", "m"), [(1, 2), (2, 4)])
+@pytest.mark.parametrize(("n", "m"), [(1, 2), (2, 4), (1, 4), (2, 8), (4, 8), (5, 8)])
 def test_every_draw_is_valid_pattern(n: int, m: int, method: str) -> None:
     torch.manual_seed(3)
     x = torch.randn(512, 64) * torch.rand(512, 1) ** 4
@@ -173,11 +200,13 @@ def test_every_draw_is_valid_pattern(n: int, m: int, method: str) -> None:
     assert nnz.max() <= n
     assert torch.all((out == 0) | (x != 0))  # nothing appears where x is zero
     assert torch.all(torch.sign(out[out != 0]) == torch.sign(x[out != 0]))
-    # Groups with at most n non-zeros come back unchanged; others keep exactly n.
+    # Groups with at most n non-zeros come back unchanged; others keep exactly n (the
+    # proportional approximation of other ratios than 2:4 may keep fewer).
     groups_nnz = (x != 0).view(512, -1, m).sum(-1)
     few = groups_nnz <= n
     assert torch.equal(out.view(512, -1, m)[few], x.view(512, -1, m)[few])
-    assert torch.all(nnz[~few] == n)
+    if method == "exact" or (n, m) in ((1, 2), (2, 4)):
+        assert torch.all(nnz[~few] == n)
 
 
 @settings(max_examples=60, deadline=None)
@@ -239,7 +268,8 @@ def test_bfloat16_is_unbiased() -> None:
 
 @pytest.mark.parametrize(
     ("n", "m", "shape", "match"),
-    [(2, 8, (8,), "2:8"), (1, 4, (8,), "1:4"), (3, 4, (8,), "3:4"), (2, 4, (3, 6), r"\(3, 6\)")],
+    [(4, 4, (8,), "4:4"), (0, 4, (8,), "0:4"), (2, 16, (16,), "2:16"),
+     (2, 4, (3, 6), r"\(3, 6\)")],
 )
 def test_rejects_bad_ratio_or_shape(n: int, m: int, shape: tuple[int, ...], match: str) -> None:
     with pytest.raises(ValueError, match=match):
