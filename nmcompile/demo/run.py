@@ -15,7 +15,7 @@ import torch
 from ..config import NMConfig
 from ..dump import format_table, read_summary
 from ..models import GPTConfig, TinyGPT
-from .data import load_corpus, sample_offsets, spaced_offsets
+from .data import Corpus, load_corpus, sample_offsets, spaced_offsets
 from .report import sparse_flop_share, write_outputs
 from .train import Phase, Schedule, train_recipe
 
@@ -24,7 +24,10 @@ __all__ = [
     "SPARSE_OPTIONS",
     "DemoConfig",
     "DemoResult",
+    "make_model",
+    "make_schedule",
     "run_demo",
+    "sparse_phases",
 ]
 
 DENSE_BACKEND = "inductor"
@@ -73,21 +76,21 @@ class DemoResult:
     matmul_table: str
 
 
-def _phases(cfg: DemoConfig, options: dict[str, Any] | None) -> list[Phase]:
+def sparse_phases(cfg: DemoConfig, options: dict[str, Any] | None) -> list[Phase]:
+    """The sparse recipe: one compile; with nm, the dense tail is its ``sparse_stop`` (a
+    continuous switch: the pruned weights are zeroed); another backend gets a dense phase."""
     tail = round(cfg.steps * cfg.tail_fraction)
-    sparse = [Phase(0, cfg.sparse_backend, options)]
-    return sparse + [Phase(cfg.steps - tail, DENSE_BACKEND)] if 0 < tail < cfg.steps else sparse
+    if not 0 < tail < cfg.steps:
+        return [Phase(0, cfg.sparse_backend, options)]
+    if cfg.sparse_backend == "nm":
+        return [Phase(0, "nm", {**(options or {}), "sparse_stop": cfg.steps - tail},
+                      tail_start=cfg.steps - tail)]
+    return [Phase(0, cfg.sparse_backend, options), Phase(cfg.steps - tail, DENSE_BACKEND)]
 
 
-def run_demo(cfg: DemoConfig) -> DemoResult:
-    """Train both recipes, write the output folder, and return the report."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
-    dump = out / "dump"
-    shutil.rmtree(dump, ignore_errors=True)
-    corpus = load_corpus(cfg.corpus_bytes)
-    device = torch.device(cfg.device)
-    schedule = Schedule(
+def make_schedule(cfg: DemoConfig, corpus: Corpus) -> Schedule:
+    """The batches, evaluation set and bookkeeping intervals of a run of ``cfg``."""
+    return Schedule(
         train=corpus.train,
         val=corpus.val,
         seq_len=cfg.seq_len,
@@ -98,11 +101,27 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         ).view(cfg.val_batches, cfg.batch_size),
         eval_every=max(1, cfg.steps // cfg.evals),
         flip_every=cfg.flip_every,
-        device=device,
+        device=torch.device(cfg.device),
     )
+
+
+def make_model(cfg: DemoConfig) -> TinyGPT:
+    """The demo's model, initialised from ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     gpt = GPTConfig(seq_len=cfg.seq_len, d_model=cfg.d_model, n_layer=cfg.layers)
-    dense_model = TinyGPT(gpt).to(device)
+    return TinyGPT(gpt).to(torch.device(cfg.device))
+
+
+def run_demo(cfg: DemoConfig) -> DemoResult:
+    """Train both recipes, write the output folder, and return the report."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    dump = out / "dump"
+    shutil.rmtree(dump, ignore_errors=True)
+    corpus = load_corpus(cfg.corpus_bytes)
+    schedule = make_schedule(cfg, corpus)
+    dense_model = make_model(cfg)
+    gpt = dense_model.cfg
     sparse_model = copy.deepcopy(dense_model)
 
     notes: list[str] = []
@@ -113,7 +132,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     recipes = []
     for name, model, phases in (
         ("dense", dense_model, [Phase(0, DENSE_BACKEND)]),
-        ("sparse 2:4", sparse_model, _phases(cfg, options)),
+        ("sparse 2:4", sparse_model, sparse_phases(cfg, options)),
     ):
         torch.manual_seed(cfg.seed)  # the same RNG stream (MVUE draws) for every run
         recipes.append(train_recipe(name, model, phases, schedule, progress=cfg.progress))

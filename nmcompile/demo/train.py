@@ -27,11 +27,16 @@ __all__ = ["Phase", "Schedule", "train_recipe"]
 
 @dataclass(frozen=True)
 class Phase:
-    """From step ``start`` on, train ``torch.compile(model, backend=backend, options=...)``."""
+    """From step ``start`` on, train ``torch.compile(model, backend=backend, options=...)``.
+
+    ``tail_start``: the step at which this compile switches to dense training by itself (the
+    nm backend's ``sparse_stop``), if it does.
+    """
 
     start: int
     backend: str
     options: Mapping[str, Any] | None = None
+    tail_start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ def _eval_steps(s: Schedule, phases: Sequence[Phase]) -> set[int]:
     """Steps after which validation runs: every ``eval_every``, before each switch, last."""
     points = set(range(s.eval_every, s.steps + 1, s.eval_every))
     points |= {p.start for p in phases if p.start > 0} | {s.steps}
+    points |= {p.tail_start for p in phases if p.tail_start is not None}
+    points |= {p.tail_start + 1 for p in phases if p.tail_start is not None}  # first after
     return points
 
 
@@ -135,7 +142,8 @@ def train_recipe(
         "flip_curve": [],
         "compile_s": [],
         "val_loss_before_tail": None,
-        "tail_start": phases[-1].start if len(phases) > 1 else None,
+        "val_loss_after_switch": None,
+        "tail_start": (phases[-1].start if len(phases) > 1 else phases[-1].tail_start),
     }
     timed_s, timed_steps, t_start = 0.0, 0, time.perf_counter()
     bar = tqdm(range(s.steps), desc=name, disable=not progress, dynamic_ncols=True)
@@ -160,6 +168,8 @@ def train_recipe(
             rec["val_curve"].append((step + 1, _evaluate(compiled, s)))
             if rec["tail_start"] == step + 1:
                 rec["val_loss_before_tail"] = rec["val_curve"][-1][1]
+            if rec["tail_start"] is not None and rec["tail_start"] + 1 == step + 1:
+                rec["val_loss_after_switch"] = rec["val_curve"][-1][1]
             bar.set_postfix(loss=f"{value:.3f}", val=f"{rec['val_curve'][-1][1]:.3f}")
     bar.close()
     rec["wall_s"] = round(time.perf_counter() - t_start, 2)
