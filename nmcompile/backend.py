@@ -79,7 +79,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if dump is not None:
             dump.write("joint_before.py", before)
             dump.write("joint_after.py", after)
-            dump.write_records(rewrite.records, config.to_dict())
+            dump.write_records(rewrite.records, config.to_dict(), rewrite.symbols)
 
     rewrite = RewriteMatmuls(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,

@@ -21,6 +21,12 @@ its grad-input GEMM read the same mask, so the gradients are exactly those of th
 forward (up to the straight-through grad-weight); nothing else in the graph changes, and every
 new node carries a fake ``meta["val"]``. Each decision, sparse or not, is kept as a
 :class:`MatmulRecord` with its reason and counted in ``torch._dynamo.utils.counters``.
+
+Dynamic shapes: a graph with symbolic sizes (``torch.compile(dynamic=True)``,
+``mark_dynamic``, or Dynamo's automatic dynamic after a recompile) stays symbolic. The pass
+never turns a size into an int (that would add a guard specialising the graph to one value):
+records keep a symbolic size as its expression (``"s0"``), and traced solvers see symbolic
+shapes.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ class MatmulRecord:
     node: str
     role: str | None  # "forward" | "grad_input" | "grad_weight" | None (not a layer GEMM)
     param: str | None
-    shapes: tuple[tuple[int, ...], ...]
+    shapes: tuple[tuple[int | str, ...], ...]  # a symbolic size as its expression, e.g. "s0"
     became: str
     sparse: bool
     reason: str | None
@@ -95,8 +101,10 @@ class GraphInput:
 class RewriteMatmuls(CustomGraphPass):
     """The pass object handed to Inductor; ``uuid`` keys the compile caches on code + config.
 
-    After it runs, ``records`` lists every matmul decision and ``specs`` maps the position of
-    every parameter it masked to its :class:`MaskSpec`. ``on_rewrite(before, after, pass)`` is
+    After it runs, ``records`` lists every matmul decision, ``symbols`` names what each
+    symbolic size in their shapes stands for (dynamic shapes: ``{"s0": "L['x'].size()[0]"}``;
+    the graph is never specialised to a size), and ``specs`` maps the position of every
+    parameter it masked to its :class:`MaskSpec`. ``on_rewrite(before, after, pass)`` is
     called with the readable graph before and after the rewrite (for dumps). ``mask_inputs``
     maps a parameter's position to the graph input positions of its forward (and Bi-Mask
     backward) masks and compressed weights when they come from outside the graph
@@ -117,6 +125,7 @@ class RewriteMatmuls(CustomGraphPass):
         self.graph_id = graph_id
         self.on_rewrite = on_rewrite
         self.records: list[MatmulRecord] = []
+        self.symbols: dict[str, str] = {}
         self.specs: dict[int, MaskSpec] = {}
         self.packed_used: dict[int, set[bool]] = {}
 
@@ -146,6 +155,7 @@ class RewriteMatmuls(CustomGraphPass):
         rewriter.run()
         graph.lint()
         self.records = rewriter.records
+        self.symbols = rewriter.symbols
         self.specs = {pos: rewriter.masks[node][0] for pos, node in nodes.items()
                       if node in rewriter.masks}
         self.packed_used = {pos: rewriter.packed_used[node] for pos, node in nodes.items()
@@ -188,6 +198,7 @@ class _Rewriter:
         self.forward: dict[int, _Forward] = {}
         self.packed_used: dict[fx.Node, set[bool]] = {}
         self.unmatched: str | None = None  # why no graph input is known to be a parameter
+        self.symbols: dict[str, str] = {}  # symbolic size in the records -> its source
 
     def run(self) -> None:
         backward = _backward_nodes(self.graph)
@@ -502,7 +513,8 @@ class _Rewriter:
         kernel = None
         if isinstance(became, tuple):
             became, kernel = became
-        shapes = tuple(tuple(int(s) for s in x.meta["val"].shape) for x in (mm.a, mm.b))
+        shapes = tuple(tuple(_size(s, self.symbols) for s in x.meta["val"].shape)
+                       for x in (mm.a, mm.b))
         return MatmulRecord(
             graph_id=self.graph_id,
             node=mm.node.name,
@@ -514,6 +526,24 @@ class _Rewriter:
             reason=reason,
             kernel=kernel,
         )
+
+
+def _size(size: int | torch.SymInt, symbols: dict[str, str] | None = None) -> int | str:
+    """A dim of a fake value for the dump: an int, or a symbolic size's expression (``"s0"``,
+    ``"s0*s1"``) read without adding a guard (``int()`` would specialise the graph to it).
+    ``symbols`` collects what each symbol stands for (``{"s0": "L['x'].size()[0]"}``)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    shape_env = size.node.shape_env
+    expr = shape_env.simplify(size.node.expr)
+    if expr.is_number:
+        return int(expr)
+    if symbols is not None:
+        for sym in sorted(expr.free_symbols, key=str):
+            sources = shape_env.var_to_sources.get(sym) or []
+            name = getattr(sources[0], "name", "") if sources else ""
+            symbols.setdefault(str(sym), (name() if callable(name) else str(name)) or "?")
+    return str(expr)
 
 
 def _op_name(node: fx.Node) -> str:
