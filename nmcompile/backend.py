@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import NMConfig
 from .dump import GraphDump
+from .fallback import install as watch_eager_fallback
 from .kernels import autocast_dtypes, packing_dtype
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .state import MaskBank, register_on_call
@@ -59,6 +60,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
+    watch_eager_fallback()  # past the recompile limit its calls would run dense: warn then
     params = graph_parameters(gm, example_inputs, config)
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
