@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 LIMIT_GB_TYPE = "Dynamo recompile limit exceeded"
 _TORCH_DIR = os.path.dirname(os.path.realpath(torch.__file__))
 _OWN_DIR = os.path.dirname(os.path.realpath(__file__))
-#: frames warned about, once each: the compiled module (the frame is Dynamo's wrapper, shared
-#: by every compiled module) or the function's code object
+#: what was warned about, once each: the module whose frame it is (every instance of a module
+#: class shares its forward's code, and Dynamo counts recompiles per instance), or the code
 _WARNED: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -109,8 +109,8 @@ def _on_limit(error: Exception, args: dict[str, Any]) -> None:
     if not _is_nm(args.get("compiler_fn")):
         return
     code, f_locals = args.get("code"), args.get("locals") or {}
-    fn = f_locals.get("fn")
-    target = fn if isinstance(fn, torch.nn.Module) else code
+    module = _compiled_module(f_locals)
+    target = module if module is not None else code
     if target in _WARNED:
         return
     _WARNED.add(target)
@@ -150,17 +150,27 @@ def _recompile_reason(args: dict[str, Any]) -> str | None:
     return reasons[0].strip() if reasons else None
 
 
+def _compiled_module(f_locals: dict[str, Any]) -> torch.nn.Module | None:
+    """The module a frame belongs to: ``self`` of a ``forward`` (or of ``Module._call_impl``,
+    which ``module.compile()`` compiles), or ``fn`` of the wrapper frame Dynamo compiles
+    around a module whose ``forward`` it does not trace as a frame (``inner`` in
+    ``external_utils.py``, e.g. for a bare ``nn.Linear``)."""
+    for name in ("self", "fn"):
+        if isinstance(f_locals.get(name), torch.nn.Module):
+            return f_locals[name]
+    return None
+
+
 def _describe(code: Any, f_locals: dict[str, Any]) -> str:
-    """``Mlp.forward (model.py:12)``: the user's function, also for a compiled ``nn.Module``
-    (Dynamo compiles a wrapper frame, ``inner`` in ``external_utils.py``, around its call)."""
+    """``Mlp.forward (model.py:12)``: the user's function, or the forward of the compiled
+    ``nn.Module`` whose call a torch-internal frame is."""
     if not isinstance(code, CodeType):
         return "a frame"
-    fn = f_locals.get("fn")
-    in_torch = os.path.realpath(code.co_filename).startswith(_TORCH_DIR)
-    if in_torch and isinstance(fn, torch.nn.Module):
-        forward = getattr(type(fn).forward, "__code__", None)
+    module = _compiled_module(f_locals)
+    if module is not None and os.path.realpath(code.co_filename).startswith(_TORCH_DIR):
+        forward = getattr(type(module).forward, "__code__", None)
         where = f" ({forward.co_filename}:{forward.co_firstlineno})" if forward else ""
-        return f"{type(fn).__qualname__}.forward{where}"
+        return f"{type(module).__qualname__}.forward{where}"
     name = getattr(code, "co_qualname", code.co_name)
     return f"{name} ({code.co_filename}:{code.co_firstlineno})"
 

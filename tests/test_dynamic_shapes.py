@@ -410,6 +410,16 @@ def test_recompile_limit_of_a_function_names_it():
             _limit_hit(compiled, [4, 8, 12])
 
 
+def test_recompile_limit_of_module_compile_names_the_module():
+    """``module.compile()`` compiles ``Module._call_impl``: the warning names the module."""
+    torch.manual_seed(0)
+    model = Mlp()
+    model.compile(backend="nm", dynamic=False, options={"inductor": False})
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with pytest.warns(DenseFallbackWarning, match=r"on Mlp\.forward \(.*test_dynamic_shapes"):
+            _limit_hit(model, [4, 8])
+
+
 def test_no_warning_when_dynamo_raises_or_another_backend_compiled():
     torch.manual_seed(0)
     with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
