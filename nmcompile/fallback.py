@@ -5,9 +5,9 @@ Past ``torch._dynamo.config.recompile_limit`` (8 by default) compiles of one fra
 guards match none of its compiled graphs (a new batch size under ``dynamic=False``, say) runs
 the frame eagerly, i.e. with the dense weights and no N:M mask. Dynamo says so once, through
 ``logging``, and training silently continues dense. Here a :class:`DenseFallbackWarning` is
-raised instead, once per frame, naming the function, the limit, the last recompile reason and
-the ways out (``dynamic=True``, ``torch._dynamo.mark_dynamic``, a larger limit). Nothing is
-warned when Dynamo raises instead of falling back (``fullgraph=True``,
+raised instead, once per module instance (or function), naming the function, the limit, the
+last recompile reason and the ways out (``dynamic=True``, ``torch._dynamo.mark_dynamic``, a
+larger limit). Nothing is warned when Dynamo raises instead of falling back (``fullgraph=True``,
 ``torch._dynamo.config.fail_on_recompile_limit_hit``): the caller sees that error.
 
 How the fallback is seen (torch 2.13): Dynamo's ``convert_frame._compile(code, ...,
