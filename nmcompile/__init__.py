@@ -7,11 +7,13 @@ of every linear layer of the training graph; see :mod:`nmcompile.backend`.
 from . import ops  # noqa: F401  (registers the nm:: custom ops)
 from .config import NMConfig
 from .dump import format_table, read_summary
+from .fallback import DenseFallbackWarning
 from .inference import to_semi_structured
 from .masking import MaskSpec, MaskStats
 from .state import apply_masks, load_mask_state_dict, mask_state_dict, masks, stats
 
 __all__ = [
+    "DenseFallbackWarning",
     "MaskSpec",
     "apply_masks",
     "MaskStats",

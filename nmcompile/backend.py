@@ -27,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import NMConfig
 from .dump import GraphDump
+from .fallback import install as watch_eager_fallback
 from .kernels import autocast_dtypes, packing_dtype
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .schedule import Schedule
@@ -61,6 +62,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
+    watch_eager_fallback()  # past the recompile limit its calls would run dense: warn then
     params = graph_parameters(gm, example_inputs, config)
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
@@ -82,7 +84,7 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if dump is not None:
             dump.write("joint_before.py", before)
             dump.write("joint_after.py", after)
-            dump.write_records(rewrite.records, config.to_dict())
+            dump.write_records(rewrite.records, config.to_dict(), rewrite.symbols)
 
     rewrite = RewriteMatmuls(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,

@@ -7,7 +7,8 @@ Layout of a dump folder (``options={"dump_dir": DIR}`` or ``NMCOMPILE_DUMP_DIR``
     DIR/graph_<k>/joint_before.py         joint forward+backward graph as AOTAutograd traced it
     DIR/graph_<k>/joint_after.py          ... after the N:M rewrite
     DIR/graph_<k>/forward.py, backward.py the partitioned graphs handed to the compiler
-    DIR/graph_<k>/matmuls.json            this graph's rows of the table, with the config
+    DIR/graph_<k>/matmuls.json            this graph's rows of the table, with the config and
+                                          what its symbolic sizes stand for (dynamic shapes)
 
 The same texts are emitted as ``TORCH_TRACE`` structured artifacts (names ``nm_*``).
 Graph folders from earlier processes are left alone and kept out of the summary.
@@ -36,16 +37,24 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
     ``sparse``: the GEMM computes with the N:M mask; ``kernel``: for those GEMMs, what runs
     them (``cuSPARSELt``, with the cost rule's measured speed-up under ``kernels="auto"``, or
     ``dense: <reason>`` for the masked-dense product); ``reason``: why a GEMM is not masked.
+    Symbolic sizes (dynamic shapes) show as their expressions: ``s0x64 @ 64x64``,
+    ``(s0*s1)x64``.
     """
     body = [
         (
             r["graph_id"], r["node"], r["role"] or "-", r["param"] or "-",
-            " @ ".join("x".join(map(str, s)) for s in r["shapes"]), r["became"],
+            " @ ".join("x".join(map(_dim, s)) for s in r["shapes"]), r["became"],
             "yes" if r["sparse"] else "no", r.get("kernel") or "", r["reason"] or "",
         )
         for r in rows
     ]
     return tabulate(body, headers=_COLUMNS, tablefmt="github")
+
+
+def _dim(size: int | str) -> str:
+    """A dim of the shapes column: ``64``, ``s0``, or ``(s0*s1)`` for a symbolic expression."""
+    text = str(size)
+    return text if text.isalnum() else f"({text})"
 
 
 def read_summary(dump_dir: str | os.PathLike) -> dict[str, Any]:
@@ -93,23 +102,37 @@ class GraphDump:
             payload_fn=lambda: line,
         )
 
-    def write_records(self, records: Sequence[Any], config: Mapping[str, Any]) -> None:
-        """Write this graph's matmul rows and refresh the folder's summary."""
+    def write_records(self, records: Sequence[Any], config: Mapping[str, Any],
+                      symbols: Mapping[str, str] | None = None) -> None:
+        """Write this graph's matmul rows and refresh the folder's summary.
+
+        ``symbols``: what each symbolic size in the rows' shapes stands for (a graph compiled
+        with dynamic shapes), e.g. ``{"s0": "L['x'].size()[0]"}``.
+        """
         rows = [dataclasses.asdict(r) for r in records]
-        payload = {"pid": os.getpid(), "config": dict(config), "matmuls": rows}
+        payload = {"pid": os.getpid(), "config": dict(config), "matmuls": rows,
+                   "symbols": dict(symbols or {})}
         (self.dir / "matmuls.json").write_text(json.dumps(payload, indent=1))
         self._refresh_summary(config)
 
     def _refresh_summary(self, config: Mapping[str, Any]) -> None:
         rows: list[dict[str, Any]] = []
+        symbols: dict[str, dict[str, str]] = {}
         for path in sorted(self.root.glob("graph_*/matmuls.json")):
             part = json.loads(path.read_text())
             if part.get("pid") == os.getpid():
                 rows.extend(part["matmuls"])
-        summary = {"config": dict(config), "matmuls": rows}
+                if part.get("symbols") and part["matmuls"]:
+                    symbols[str(part["matmuls"][0]["graph_id"])] = part["symbols"]
+        summary = {"config": dict(config), "matmuls": rows, "symbols": symbols}
         text = json.dumps(summary, indent=1)
         (self.root / "summary.json").write_text(text)
-        (self.root / "summary.txt").write_text(format_table(rows) + "\n")
+        legend = "".join(
+            f"graph {graph}: " + ", ".join(f"{k} = {v}" for k, v in names.items()) + "\n"
+            for graph, names in symbols.items())
+        if legend:
+            legend = "\nsymbolic sizes (dynamic shapes):\n" + legend
+        (self.root / "summary.txt").write_text(format_table(rows) + "\n" + legend)
         trace_structured(
             "artifact",
             metadata_fn=lambda: {"name": "nm_summary", "encoding": "json"},

@@ -70,6 +70,9 @@ def choose(policy: str, role: str, *, device: torch.device, dtype: torch.dtype, 
     if reason is not None:
         return Choice(False, f"dense: {reason}")
     if policy == "sparse":
+        if role == "grad_weight" and not _static(m, k, n):  # the op checks each call's sizes
+            return Choice(True, f"{SPARSE_LABEL} (when the call's token count fits the "
+                                f"contract, else dense)")
         return Choice(True, SPARSE_LABEL)
     if not _static(m, k, n):
         return Choice(False, "dense: cost rule needs static shapes (dynamic token count)")

@@ -68,10 +68,12 @@ class GraphEditor:
 
         # Functionalized: the solver may use in-place ops for eager speed, the graph may not.
         functional = torch.func.functionalize(fn, remove="mutations_and_views")
+        vals = [n.meta["val"] for n in inputs]
+        # Symbolic sizes (dynamic shapes) are traced as sym_size nodes of the inputs, in the
+        # graph's own shape env; a size the code branches on becomes a guard of that env.
+        mode = "symbolic" if self.fake_mode.shape_env is not None else "real"
         with self.fake_mode:
-            traced = make_fx(functional, select_decomp_table(), tracing_mode="real")(
-                *[n.meta["val"] for n in inputs]
-            )
+            traced = make_fx(functional, select_decomp_table(), tracing_mode=mode)(*vals)
         placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
         env: dict[fx.Node, fx.Node] = dict(zip(placeholders, inputs, strict=True))
         result = None

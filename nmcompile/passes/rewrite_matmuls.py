@@ -11,7 +11,9 @@ For each matmul with a 2-D parameter operand ``W`` (``nn.Linear``, ``F.linear``,
   mask is N:M along out-features too), or a dense GEMM on the masked weight;
 * grad-weight ``dW = dY^T X`` is a straight-through estimator to the dense weight: a dense
   GEMM, or with ``grad_weight="mvue"`` ``nm.sparse_mm`` on dY pruned N:M along the token dim
-  by an unbiased stochastic mask (traced into the graph);
+  by an unbiased stochastic mask (traced into the graph), or with ``"fst"`` on X pruned by a
+  fixed token mask; a token count that is not a multiple of the group (or a symbolic one) is
+  zero-padded to one (:func:`_pad_tokens`), never left dense, guarded or specialised;
 * with ``decay > 0`` each masked weight's gradient gets ``decay * (1 - mask) * W`` (SR-STE,
   :mod:`nmcompile.passes.add_masked_decay`).
 
@@ -21,6 +23,12 @@ its grad-input GEMM read the same mask, so the gradients are exactly those of th
 forward (up to the straight-through grad-weight); nothing else in the graph changes, and every
 new node carries a fake ``meta["val"]``. Each decision, sparse or not, is kept as a
 :class:`MatmulRecord` with its reason and counted in ``torch._dynamo.utils.counters``.
+
+Dynamic shapes: a graph with symbolic sizes (``torch.compile(dynamic=True)``,
+``mark_dynamic``, or Dynamo's automatic dynamic after a recompile) stays symbolic. The pass
+never turns a size into an int (that would add a guard specialising the graph to one value):
+records keep a symbolic size as its expression (``"s0"``), and traced solvers see symbolic
+shapes.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch
 from torch import fx
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
@@ -74,7 +83,7 @@ class MatmulRecord:
     node: str
     role: str | None  # "forward" | "grad_input" | "grad_weight" | None (not a layer GEMM)
     param: str | None
-    shapes: tuple[tuple[int, ...], ...]
+    shapes: tuple[tuple[int | str, ...], ...]  # a symbolic size as its expression, e.g. "s0"
     became: str
     sparse: bool
     reason: str | None
@@ -95,8 +104,10 @@ class GraphInput:
 class RewriteMatmuls(CustomGraphPass):
     """The pass object handed to Inductor; ``uuid`` keys the compile caches on code + config.
 
-    After it runs, ``records`` lists every matmul decision and ``specs`` maps the position of
-    every parameter it masked to its :class:`MaskSpec`. ``on_rewrite(before, after, pass)`` is
+    After it runs, ``records`` lists every matmul decision, ``symbols`` names what each
+    symbolic size in their shapes stands for (dynamic shapes: ``{"s0": "L['x'].size()[0]"}``;
+    the graph is never specialised to a size), and ``specs`` maps the position of every
+    parameter it masked to its :class:`MaskSpec`. ``on_rewrite(before, after, pass)`` is
     called with the readable graph before and after the rewrite (for dumps). ``mask_inputs``
     maps a parameter's position to the graph input positions of its forward (and Bi-Mask
     backward) masks and compressed weights when they come from outside the graph
@@ -117,6 +128,7 @@ class RewriteMatmuls(CustomGraphPass):
         self.graph_id = graph_id
         self.on_rewrite = on_rewrite
         self.records: list[MatmulRecord] = []
+        self.symbols: dict[str, str] = {}
         self.specs: dict[int, MaskSpec] = {}
         self.packed_used: dict[int, set[bool]] = {}
 
@@ -146,6 +158,7 @@ class RewriteMatmuls(CustomGraphPass):
         rewriter.run()
         graph.lint()
         self.records = rewriter.records
+        self.symbols = rewriter.symbols
         self.specs = {pos: rewriter.masks[node][0] for pos, node in nodes.items()
                       if node in rewriter.masks}
         self.packed_used = {pos: rewriter.packed_used[node] for pos, node in nodes.items()
@@ -188,6 +201,7 @@ class _Rewriter:
         self.forward: dict[int, _Forward] = {}
         self.packed_used: dict[fx.Node, set[bool]] = {}
         self.unmatched: str | None = None  # why no graph input is known to be a parameter
+        self.symbols: dict[str, str] = {}  # symbolic size in the records -> its source
 
     def run(self) -> None:
         backward = _backward_nodes(self.graph)
@@ -295,17 +309,16 @@ class _Rewriter:
             return self._record(mm, "grad_weight", fwd.param,
                                 "grad_weight='dense': straight-through dense GEMM")
         side = _gradient_side(mm, fwd.activation)
+        if side is None:
+            return self._record(mm, "grad_weight", fwd.param,
+                                "cannot tell the output gradient from the activation")
         tokens = mm.a.meta["val"].shape[1]
         group = self.config.mvue_m if self.config.grad_weight == "mvue" else self.config.m
-        reason = None
-        if side is None:
-            reason = "cannot tell the output gradient from the activation"
-        elif tokens % group:
-            reason = f"{tokens} tokens: not a multiple of {group} ({self.config.grad_weight})"
-        if reason is not None:
-            return self._record(mm, "grad_weight", fwd.param, reason)
+        # a token count not known to be a multiple of the group is padded (see _pad_tokens)
+        padded = "" if _multiple_of(tokens, group) else \
+            f"; {_size(tokens)} tokens zero-padded to a multiple of {group}"
         replace = self._replace_mvue if self.config.grad_weight == "mvue" else self._replace_fst
-        return self._record(mm, "grad_weight", fwd.param, None, replace(mm, side))
+        return self._record(mm, "grad_weight", fwd.param, None, replace(mm, side, padded))
 
     def _forward_reason(self, mm: Matmul, p: ParamOperand) -> str | None:
         if p.param in self.excluded:
@@ -447,12 +460,14 @@ class _Rewriter:
         choice, _ = self._kernel("grad_weight", None, a, dense=b)
         return self.edit.call(_SPARSE_MM, [a, b, choice.sparse, choice.alg_id], like=like), choice
 
-    def _replace_mvue(self, mm: Matmul, side: int) -> str:
+    def _replace_mvue(self, mm: Matmul, side: int, note: str = "") -> tuple[str, str]:
         cfg, like = self.config, mm.node
         n, m, method = cfg.mvue_n, cfg.mvue_m, cfg.mvue_method
 
-        def prune(grad: torch.Tensor) -> torch.Tensor:
-            return mvue(grad, n, m, method=method)
+        def prune(grad: torch.Tensor) -> torch.Tensor:  # [out, tokens]: groups along tokens
+            padded = _pad_tokens(grad, m, dim=1)
+            pruned = mvue(padded, n, m, method=method)
+            return pruned if padded is grad else pruned[:, :grad.shape[1]]
 
         with self.graph.inserting_before(like):
             if side == 0:  # dY^T @ X: prune the left operand along its rows
@@ -464,13 +479,15 @@ class _Rewriter:
                 out, choice = self._sparse_mm(pruned, self._t(mm.a, like), like)
                 out = self._t(out, like)
         self._swap(mm.node, out)
-        return f"nm.sparse_mm (dY mvue {n}:{m} {method})", choice.label
+        return f"nm.sparse_mm (dY mvue {n}:{m} {method}{note})", choice.label
 
-    def _replace_fst(self, mm: Matmul, side: int) -> str:
+    def _replace_fst(self, mm: Matmul, side: int, note: str = "") -> tuple[str, str]:
         """dY^T X -> (X_fst^T @ shift(dY))^T: X pruned by the fixed mask is the sparse operand."""
         n, m, like = self.config.n, self.config.m, mm.node
 
         def operands(grad: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+            # zero tokens padded onto both operands add nothing to the product
+            grad, x = _pad_tokens(grad, m, dim=0), _pad_tokens(x, m, dim=0)
             return [fst_prune(x, n, m).t(), gradient_shift(grad, n, m)]
 
         with self.graph.inserting_before(like):
@@ -483,7 +500,7 @@ class _Rewriter:
             if side == 0:
                 out = self._t(out, like)
         self._swap(mm.node, out)
-        return f"nm.sparse_mm (X fst {n}:{m} + gradient shift)", choice.label
+        return f"nm.sparse_mm (X fst {n}:{m} + gradient shift{note})", choice.label
 
     def _mask_operand(self, mm: Matmul, p: ParamOperand, mask: fx.Node) -> str:
         operand = mm.a if p.side == 0 else mm.b
@@ -502,7 +519,8 @@ class _Rewriter:
         kernel = None
         if isinstance(became, tuple):
             became, kernel = became
-        shapes = tuple(tuple(int(s) for s in x.meta["val"].shape) for x in (mm.a, mm.b))
+        shapes = tuple(tuple(_size(s, self.symbols) for s in x.meta["val"].shape)
+                       for x in (mm.a, mm.b))
         return MatmulRecord(
             graph_id=self.graph_id,
             node=mm.node.name,
@@ -514,6 +532,47 @@ class _Rewriter:
             reason=reason,
             kernel=kernel,
         )
+
+
+def _size(size: int | torch.SymInt, symbols: dict[str, str] | None = None) -> int | str:
+    """A dim of a fake value for the dump: an int, or a symbolic size's expression (``"s0"``,
+    ``"s0*s1"``) read without adding a guard (``int()`` would specialise the graph to it).
+    ``symbols`` collects what each symbol stands for (``{"s0": "L['x'].size()[0]"}``)."""
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    shape_env = size.node.shape_env
+    expr = shape_env.simplify(size.node.expr)
+    if expr.is_number:
+        return int(expr)
+    if symbols is not None:
+        for sym in sorted(expr.free_symbols, key=str):
+            sources = shape_env.var_to_sources.get(sym) or []
+            name = getattr(sources[0], "name", "") if sources else ""
+            symbols.setdefault(str(sym), (name() if callable(name) else str(name)) or "?")
+    return str(expr)
+
+
+def _multiple_of(size: int | torch.SymInt, group: int) -> bool:
+    """Whether ``size`` is known to be a multiple of ``group`` (for a symbolic size: provably,
+    for every value it may take; asking adds no guard)."""
+    return statically_known_true(size % group == 0)
+
+
+def _pad_tokens(x: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+    """``x`` with zeros appended along ``dim`` up to a multiple of ``group`` (``x`` itself when
+    its size there is known to be one already).
+
+    The grad-weight pruners (MVUE, FST) group tokens ``group`` at a time. A token count that is
+    not a multiple (any count, when it is symbolic) gets a last, partial group completed with
+    zero tokens: they are never kept by MVUE and add nothing to ``dY^T X``, so the estimator
+    stays what it is for full groups (unbiased, N:M) without a guard or a recompile for the
+    token count. Traced into the graph, the padding is one ``constant_pad_nd``.
+    """
+    size = x.shape[dim]
+    if _multiple_of(size, group):
+        return x
+    extra = (size + group - 1) // group * group - size
+    return torch.nn.functional.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, extra])
 
 
 def _op_name(node: fx.Node) -> str:

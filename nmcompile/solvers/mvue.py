@@ -83,6 +83,8 @@ def mvue(
 def _uniform(groups: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
     """``count`` uniforms in ``[0, 1)`` per group, shaped ``[..., groups, count]``."""
     shape = (*groups.shape[:-1], count)
+    if generator is None:  # rand's generator overload needs concrete sizes (no dynamic shapes)
+        return torch.rand(shape, device=groups.device, dtype=groups.dtype)
     return torch.rand(shape, generator=generator, device=groups.device, dtype=groups.dtype)
 
 

@@ -406,12 +406,16 @@ def test_fst_grad_weight(tmp_path, duplicated):
         ("nm.sparse_mm (X fst 2:4 + gradient shift)", True)]
 
 
-def test_fst_needs_tokens_in_groups_of_m(tmp_path):
+def test_fst_pads_tokens_to_groups_of_m(tmp_path):
+    """6 tokens: the last group of 4 is completed with 2 zero tokens (sparse, no guard on the
+    token count; see tests/test_dynamic_shapes.py for symbolic counts)."""
     layer = nn.Linear(16, 8, bias=False)
     compiled = torch.compile(layer, backend="nm", options={
         "inductor": False, "dump_dir": str(tmp_path), "min_numel": 0, "grad_weight": "fst"})
     x = torch.randn(6, 16)
     compiled(x).sum().backward()
     row = _rows(read_summary(tmp_path), "grad_weight")[0]
-    assert not row["sparse"] and row["reason"] == "6 tokens: not a multiple of 4 (fst)"
-    torch.testing.assert_close(layer.weight.grad, torch.ones(6, 8).t() @ x)
+    assert row["sparse"] and row["became"] == (
+        "nm.sparse_mm (X fst 2:4 + gradient shift; 6 tokens zero-padded to a multiple of 4)")
+    torch.testing.assert_close(layer.weight.grad, _fst_reference_dw(torch.ones(6, 8), x))
+    assert not torch.allclose(layer.weight.grad, torch.ones(6, 8).t() @ x)
