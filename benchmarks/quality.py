@@ -67,12 +67,17 @@ def run_cell(cell: dict, corpus) -> dict:
 
 
 def cells(part: str, steps: int) -> list[dict]:
+    """The grid: decay x tail fraction at the base interval and MVUE setting, then the other
+    interval and MVUE off at the base decay and tail (one factor at a time)."""
     out = []
     if part in ("grid", "all"):
         out.append({"recipe": "dense", "d_model": 64, "steps": steps})
-        for decay, tail, interval, mvue in itertools.product(DECAYS, TAILS, INTERVALS, MVUE):
-            out.append({"recipe": "sparse", "d_model": 64, "steps": steps, "decay": decay,
-                        "tail": tail, "interval": interval, "mvue": mvue})
+        base = {"recipe": "sparse", "d_model": 64, "steps": steps, "decay": DECAYS[0],
+                "tail": TAILS[0], "interval": INTERVALS[0], "mvue": MVUE[0]}
+        for decay, tail in itertools.product(DECAYS, TAILS):
+            out.append({**base, "decay": decay, "tail": tail})
+        out += [{**base, "interval": i} for i in INTERVALS[1:]]
+        out += [{**base, "mvue": v} for v in MVUE[1:]]
     if part in ("size", "all"):
         for d in SIZES:
             out.append({"recipe": "dense", "d_model": d, "steps": steps})
