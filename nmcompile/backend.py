@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,13 +26,13 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .config import NMConfig
 from .dump import GraphDump
 from .kernels import autocast_dtypes, packing_dtype
+from .names import ParameterNames, compiled_module, name_of, source_path, source_text
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .state import MaskBank, register_on_call
 
 __all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
 log = logging.getLogger(__name__)
-_KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
 
 
 class NMOptionError(ValueError, ShortenTraceback):
@@ -151,20 +150,37 @@ def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
 
 
 def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                     config: NMConfig | None = None) -> list[GraphInput]:
-    """The graph inputs that are ``nn.Parameter``s, named as ``named_parameters()`` names them,
-    with the reason ``config``'s layer filter leaves each dense, if it does."""
+                     config: NMConfig | None = None,
+                     names: ParameterNames | None = None) -> list[GraphInput]:
+    """The graph inputs that are ``nn.Parameter``s, with their names and the reason ``config``'s
+    layer filter leaves each dense, if it does.
+
+    Names are the ``named_parameters()`` names of the module ``torch.compile`` was applied to,
+    found by tensor identity whatever expression the compiled frame reads the parameter
+    through (see :mod:`nmcompile.names`); ``names`` defaults to the compile under way.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if names is None:
+        names = ParameterNames(compiled_module())
     found = []
     for position, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
-        source = _source_name(node)
-        if isinstance(value, torch.nn.Parameter) or "._parameters[" in source:
-            name = _param_name(source) or node.name
-            param = _real_value(node, value)
-            excluded = (config.excludes(name, value if param is None else param)
-                        if config is not None else None)
-            found.append(GraphInput(position, name, tuple(value.shape), excluded))
-    return found
+        source = _source(node)
+        text = source_text(source)
+        param = _real_value(node, value)
+        if param is None and "._parameters[" in text:
+            param = names.resolve(source)
+        if not (isinstance(value, torch.nn.Parameter) or isinstance(param, torch.nn.Parameter)
+                or "._parameters[" in text):
+            continue
+        found.append((position, node, value, source, text, param))
+    names.add_sources(source for _, _, _, source, _, _ in found)
+    inputs = []
+    for position, node, value, _, text, param in found:
+        name, aliases = name_of(names.names(param), source_path(text) or node.name)
+        excluded = (config.excludes(name, value if param is None else param, aliases)
+                    if config is not None else None)
+        inputs.append(GraphInput(position, name, tuple(value.shape), excluded))
+    return inputs
 
 
 def real_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -200,20 +216,11 @@ def _real_value(node: fx.Node, value: Any) -> torch.Tensor | None:
     return None
 
 
-def _source_name(node: fx.Node) -> str:
+def _source(node: fx.Node) -> Any:
+    """The Dynamo source of a placeholder (DDPOptimizer's split pieces carry it as
+    ``_dynamo_source``), or ``None``."""
     grapharg = node.meta.get("grapharg")
-    # DDPOptimizer's split pieces also carry the source as ``_dynamo_source``
-    source = getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
-    name = getattr(source, "name", "") if source is not None else ""
-    return name() if callable(name) else str(name)
-
-
-def _param_name(source: str) -> str:
-    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``."""
-    keys = [a or b for a, b in _KEY.findall(source)]
-    if "._modules[" in source or "._parameters[" in source:
-        keys = keys[1:]  # the root object's local name
-    return ".".join(keys)
+    return getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
 
 
 def _apply(rewrite: RewriteMatmuls, gm: fx.GraphModule) -> fx.GraphModule:
