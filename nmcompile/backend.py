@@ -13,6 +13,7 @@ the config.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 from torch import fx
 from torch._dynamo.exc import ShortenTraceback
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import NMConfig
 from .dump import GraphDump
@@ -58,7 +61,18 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
-    params = graph_parameters(gm, example_inputs, config)
+    names = ParameterNames(compiled_module())
+    params = graph_parameters(gm, example_inputs, config, names)
+    if not params:
+        return _compile(gm, example_inputs, config, params)
+    template = _copy_graph(gm)  # compile_fx may edit gm; a variant starts from the original
+    first = _compile(gm, example_inputs, config, params)
+    return _LayerFilter(first, template, config, params, _seen(gm, example_inputs, params, names))
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig,
+             params: Sequence[GraphInput]) -> Callable:
+    """The rewritten, compiled graph for ``params`` (their names and layer-filter decisions)."""
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
     bank = mask_inputs = None
@@ -92,6 +106,110 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         wrapped = register_on_call(rewrite.specs, compiled)
         extra = []
     return _skip_fake_calls(wrapped, compiled, extra)
+
+
+def _seen(gm: fx.GraphModule, example_inputs: Sequence[Any], params: Sequence[GraphInput],
+          names: ParameterNames) -> WeakIdKeyDictionary:
+    """Parameter -> its :class:`GraphInput`, for the real parameters the graph was traced with."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    seen = WeakIdKeyDictionary()
+    for p in params:
+        node = placeholders[p.position]
+        value = _real_value(node, example_inputs[p.position])
+        if value is None:
+            value = names.resolve(_source(node))
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            seen[value] = p
+    return seen
+
+
+class _LayerFilter:
+    """The compiled graph, per layer-filter decision of the parameters each call is given.
+
+    Dynamo reuses a graph for every module that runs the same code with the same guards (a
+    block whose ``forward`` is a frame of its own after a graph break serves every block), but
+    ``include``/``exclude``/``param_filter`` were applied at compile time, to the names of the
+    parameters it was traced with. At each call the parameters are named (by identity, once
+    per parameter) and, if the filter decides differently for any of them, the call runs a
+    variant compiled for those decisions (and dumped under those names); variants are cached
+    by decision. A parameter that cannot be named keeps its position's decision.
+    """
+
+    def __init__(self, first: Callable, template: fx.GraphModule, config: NMConfig,
+                 params: Sequence[GraphInput], seen: WeakIdKeyDictionary) -> None:
+        self.template, self.config, self.params = template, config, list(params)
+        self.seen = seen
+        self.variants = {self._key(self.params): first}
+        self.first = self._last_fn = first
+        self._last: tuple[Any, ...] = ()
+
+    @staticmethod
+    def _key(params: Sequence[GraphInput]) -> tuple[bool, ...]:
+        return tuple(p.excluded is not None for p in params)
+
+    def __call__(self, *args: Any) -> Any:
+        call = tuple(args[p.position] for p in self.params)
+        if len(call) == len(self._last) and all(a is b for a, b in zip(call, self._last,
+                                                                        strict=True)):
+            return self._last_fn(*args)
+        if any(isinstance(a, FakeTensor) for a in args):
+            return self.first(*args)
+        chosen, names = [], None
+        for p, param in zip(self.params, call, strict=True):
+            info = self.seen.get(param)
+            if info is None:
+                names = names or ParameterNames(compiled_module(), scope=None)
+                info = self.seen[param] = self._decide(p, param, names)
+            chosen.append(info)
+        key = self._key(chosen)
+        fn = self.variants.get(key)
+        if fn is None:
+            fn = self.variants[key] = self._variant(chosen)
+        self._last, self._last_fn = call, fn
+        return fn(*args)
+
+    def _decide(self, p: GraphInput, param: torch.Tensor, names: ParameterNames) -> GraphInput:
+        found = names.names(param)
+        if not found:
+            return p
+        return GraphInput(p.position, found[0], p.shape,
+                          self.config.excludes(found[0], param, found[1:]))
+
+    def _variant(self, params: list[GraphInput]) -> Callable:
+        gm = _copy_graph(self.template)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        example = [n.meta.get("example_value") for n in placeholders]
+        if any(v is None for v in example):
+            log.warning("nm: cannot recompile this graph for the layer filter's decisions on "
+                        "%s; the first decisions apply", [p.name for p in params])
+            return self.first
+        # the graph's own fake mode (symbolic shapes included), in a tracing context of its own
+        fake_mode = detect_fake_mode([v for v in example if isinstance(v, torch.Tensor)])
+        tracing = (torch._guards.tracing(torch._guards.TracingContext(fake_mode))
+                   if fake_mode is not None else contextlib.nullcontext())
+        try:
+            with tracing:
+                return _compile(gm, example, self.config, params)
+        except Exception:  # noqa: BLE001 - keep training with the decisions already compiled
+            log.warning("nm: recompiling this graph for the layer filter's decisions on %s "
+                        "failed; the first decisions apply", [p.name for p in params],
+                        exc_info=True)
+            return self.first
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph (nodes keep their Dynamo metadata)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copied = fx.GraphModule(gm, graph)
+    copied.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = gm._param_name_to_source
+    return copied
 
 
 def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],

@@ -287,3 +287,32 @@ def test_source_path_fallback():
         "blocks.0.w"
     assert source_path("G['model']._modules['fc']._parameters['weight']") == "fc.weight"
     assert source_path("L['w']") == ""
+
+
+@pytest.mark.parametrize("options, sparse", [
+    ({"exclude": ["blocks.1.*"]}, {"blocks.0.fc.weight", "blocks.0.proj.weight"}),
+    ({"include": ["blocks.1.proj*"]}, {"blocks.1.proj.weight"}),
+    ({"exclude": ["blocks.0.*"], "mask_interval": 2}, {"blocks.1.fc.weight",
+                                                       "blocks.1.proj.weight"}),
+])
+def test_a_graph_serving_several_blocks_follows_each_blocks_layer_filter(tmp_path, options,
+                                                                         sparse):
+    """One graph serves both blocks (their ``forward`` is a frame of its own after a graph
+    break); the filter's decision for each block's parameters holds at every call."""
+    from tests.reference import masked_reference
+
+    torch.manual_seed(0)
+    model = Breaking()
+    compiled = torch.compile(model, backend="nm",
+                             options={**OPTIONS, "dump_dir": str(tmp_path), **options})
+    x = x16()
+    for _ in range(2):
+        out = compiled(x)
+        out.sum().backward()
+    masks = nmcompile.masks(model)
+    assert set(masks) == sparse
+    ref = masked_reference(model, masks)
+    torch.testing.assert_close(out.double(), ref(x.double()), rtol=1e-5, atol=1e-6)
+    rows = read_summary(tmp_path)["matmuls"]
+    assert_named(rows, model)
+    assert sparse_params(rows) <= sparse  # a reused graph is dumped under its first names
