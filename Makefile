@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench lint clean gpu-check
+.PHONY: venv test test-fast test-transformers5 demo bench lint clean gpu-check
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,26 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# tests/test_transformers.py against the current transformers 5.x release (what `pip install
+# transformers` gives users today) in a second venv; requirements.txt keeps its pinned 4.57.1
+# for `make test`. TRANSFORMERS5 picks another spec, e.g. TRANSFORMERS5=transformers==5.0.0.
+VENV_TF5 ?= .venv-transformers5
+TRANSFORMERS5 ?= transformers>=5,<6
+STAMP_TF5 := $(VENV_TF5)/.installed
+
+$(STAMP_TF5): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV_TF5)
+	$(VENV_TF5)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TF5)/bin/python -m pip install -q $(TORCH)
+	$(VENV_TF5)/bin/python -m pip install -q -r requirements.txt
+	$(VENV_TF5)/bin/python -m pip install -q --upgrade "$(TRANSFORMERS5)"
+	$(VENV_TF5)/bin/python -m pip install -q --no-deps -e .
+	touch $(STAMP_TF5)
+
+test-transformers5: $(STAMP_TF5)
+	$(VENV_TF5)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(VENV_TF5)/bin/python -m pytest -q tests/test_transformers.py
+
 demo: $(STAMP)
 	$(BIN)/nmcompile demo
 
@@ -42,4 +62,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) demo_out nm_dump .pytest_cache
+	rm -rf $(VENV) $(VENV_TF5) demo_out nm_dump .pytest_cache

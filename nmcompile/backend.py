@@ -13,22 +13,25 @@ the config.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx
 from torch._dynamo.exc import ShortenTraceback
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import NMConfig
 from .dump import GraphDump
 from .fallback import install as watch_eager_fallback
 from .kernels import autocast_dtypes, packing_dtype
+from .names import ParameterNames, compiled_module, name_of, source_path, source_text
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .schedule import Schedule
 from .state import MaskBank, masks_for_call, register_on_call
@@ -36,7 +39,6 @@ from .state import MaskBank, masks_for_call, register_on_call
 __all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
 log = logging.getLogger(__name__)
-_KEY = re.compile(r"\['([^']*)'\]|\[(\d+)\]")
 
 
 class NMOptionError(ValueError, ShortenTraceback):
@@ -63,7 +65,18 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     except ValueError as error:
         raise NMOptionError(str(error)) from None
     watch_eager_fallback()  # past the recompile limit its calls would run dense: warn then
-    params = graph_parameters(gm, example_inputs, config)
+    names = ParameterNames(compiled_module())
+    params = graph_parameters(gm, example_inputs, config, names)
+    if not params:
+        return _compile(gm, example_inputs, config, params)
+    template = _copy_graph(gm)  # compile_fx may edit gm; a variant starts from the original
+    first = _compile(gm, example_inputs, config, params)
+    return _LayerFilter(first, template, config, params, _seen(gm, example_inputs, params, names))
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig,
+             params: Sequence[GraphInput]) -> Callable:
+    """The rewritten, compiled graph for ``params`` (their names and layer-filter decisions)."""
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
     dense_source = _dense_source(gm, example_inputs) if config.scheduled else None
@@ -127,6 +140,110 @@ def _compile_dense(gm: fx.GraphModule, example_inputs: list, config: NMConfig) -
     return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
 
+def _seen(gm: fx.GraphModule, example_inputs: Sequence[Any], params: Sequence[GraphInput],
+          names: ParameterNames) -> WeakIdKeyDictionary:
+    """Parameter -> its :class:`GraphInput`, for the real parameters the graph was traced with."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    seen = WeakIdKeyDictionary()
+    for p in params:
+        node = placeholders[p.position]
+        value = _real_value(node, example_inputs[p.position])
+        if value is None:
+            value = names.resolve(_source(node))
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            seen[value] = p
+    return seen
+
+
+class _LayerFilter:
+    """The compiled graph, per layer-filter decision of the parameters each call is given.
+
+    Dynamo reuses a graph for every module that runs the same code with the same guards (a
+    block whose ``forward`` is a frame of its own after a graph break serves every block), but
+    ``include``/``exclude``/``param_filter`` were applied at compile time, to the names of the
+    parameters it was traced with. At each call the parameters are named (by identity, once
+    per parameter) and, if the filter decides differently for any of them, the call runs a
+    variant compiled for those decisions (and dumped under those names); variants are cached
+    by decision. A parameter that cannot be named keeps its position's decision.
+    """
+
+    def __init__(self, first: Callable, template: fx.GraphModule, config: NMConfig,
+                 params: Sequence[GraphInput], seen: WeakIdKeyDictionary) -> None:
+        self.template, self.config, self.params = template, config, list(params)
+        self.seen = seen
+        self.variants = {self._key(self.params): first}
+        self.first = self._last_fn = first
+        self._last: tuple[Any, ...] = ()
+
+    @staticmethod
+    def _key(params: Sequence[GraphInput]) -> tuple[bool, ...]:
+        return tuple(p.excluded is not None for p in params)
+
+    def __call__(self, *args: Any) -> Any:
+        call = tuple(args[p.position] for p in self.params)
+        if len(call) == len(self._last) and all(a is b for a, b in zip(call, self._last,
+                                                                        strict=True)):
+            return self._last_fn(*args)
+        if any(isinstance(a, FakeTensor) for a in args):
+            return self.first(*args)
+        chosen, names = [], None
+        for p, param in zip(self.params, call, strict=True):
+            info = self.seen.get(param)
+            if info is None:
+                names = names or ParameterNames(compiled_module(), scope=None)
+                info = self.seen[param] = self._decide(p, param, names)
+            chosen.append(info)
+        key = self._key(chosen)
+        fn = self.variants.get(key)
+        if fn is None:
+            fn = self.variants[key] = self._variant(chosen)
+        self._last, self._last_fn = call, fn
+        return fn(*args)
+
+    def _decide(self, p: GraphInput, param: torch.Tensor, names: ParameterNames) -> GraphInput:
+        found = names.names(param)
+        if not found:
+            return p
+        return GraphInput(p.position, found[0], p.shape,
+                          self.config.excludes(found[0], param, found[1:]))
+
+    def _variant(self, params: list[GraphInput]) -> Callable:
+        gm = _copy_graph(self.template)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        example = [n.meta.get("example_value") for n in placeholders]
+        if any(v is None for v in example):
+            log.warning("nm: cannot recompile this graph for the layer filter's decisions on "
+                        "%s; the first decisions apply", [p.name for p in params])
+            return self.first
+        # the graph's own fake mode (symbolic shapes included), in a tracing context of its own
+        fake_mode = detect_fake_mode([v for v in example if isinstance(v, torch.Tensor)])
+        tracing = (torch._guards.tracing(torch._guards.TracingContext(fake_mode))
+                   if fake_mode is not None else contextlib.nullcontext())
+        try:
+            with tracing:
+                return _compile(gm, example, self.config, params)
+        except Exception:  # noqa: BLE001 - keep training with the decisions already compiled
+            log.warning("nm: recompiling this graph for the layer filter's decisions on %s "
+                        "failed; the first decisions apply", [p.name for p in params],
+                        exc_info=True)
+            return self.first
+
+
+def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph (nodes keep their Dynamo metadata)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    copied = fx.GraphModule(gm, graph)
+    copied.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copied._param_name_to_source = gm._param_name_to_source
+    return copied
+
+
 def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],
              candidates: Mapping[int, torch.Tensor]) -> dict[int, torch.dtype]:
     """Position -> GEMM dtype of each weight that gets compressed copies for the sparse kernel."""
@@ -183,20 +300,37 @@ def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
 
 
 def graph_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                     config: NMConfig | None = None) -> list[GraphInput]:
-    """The graph inputs that are ``nn.Parameter``s, named as ``named_parameters()`` names them,
-    with the reason ``config``'s layer filter leaves each dense, if it does."""
+                     config: NMConfig | None = None,
+                     names: ParameterNames | None = None) -> list[GraphInput]:
+    """The graph inputs that are ``nn.Parameter``s, with their names and the reason ``config``'s
+    layer filter leaves each dense, if it does.
+
+    Names are the ``named_parameters()`` names of the module ``torch.compile`` was applied to,
+    found by tensor identity whatever expression the compiled frame reads the parameter
+    through (see :mod:`nmcompile.names`); ``names`` defaults to the compile under way.
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if names is None:
+        names = ParameterNames(compiled_module())
     found = []
     for position, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
-        source = _source_name(node)
-        if isinstance(value, torch.nn.Parameter) or "._parameters[" in source:
-            name = _param_name(source) or node.name
-            param = _real_value(node, value)
-            excluded = (config.excludes(name, value if param is None else param)
-                        if config is not None else None)
-            found.append(GraphInput(position, name, tuple(value.shape), excluded))
-    return found
+        source = _source(node)
+        text = source_text(source)
+        param = _real_value(node, value)
+        if param is None and "._parameters[" in text:
+            param = names.resolve(source)
+        if not (isinstance(value, torch.nn.Parameter) or isinstance(param, torch.nn.Parameter)
+                or "._parameters[" in text):
+            continue
+        found.append((position, node, value, source, text, param))
+    names.add_sources(source for _, _, _, source, _, _ in found)
+    inputs = []
+    for position, node, value, _, text, param in found:
+        name, aliases = name_of(names.names(param), source_path(text) or node.name)
+        excluded = (config.excludes(name, value if param is None else param, aliases)
+                    if config is not None else None)
+        inputs.append(GraphInput(position, name, tuple(value.shape), excluded))
+    return inputs
 
 
 def real_parameters(gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -232,20 +366,11 @@ def _real_value(node: fx.Node, value: Any) -> torch.Tensor | None:
     return None
 
 
-def _source_name(node: fx.Node) -> str:
+def _source(node: fx.Node) -> Any:
+    """The Dynamo source of a placeholder (DDPOptimizer's split pieces carry it as
+    ``_dynamo_source``), or ``None``."""
     grapharg = node.meta.get("grapharg")
-    # DDPOptimizer's split pieces also carry the source as ``_dynamo_source``
-    source = getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
-    name = getattr(source, "name", "") if source is not None else ""
-    return name() if callable(name) else str(name)
-
-
-def _param_name(source: str) -> str:
-    """``L['self']._modules['fc']._parameters['weight']`` -> ``fc.weight``."""
-    keys = [a or b for a, b in _KEY.findall(source)]
-    if "._modules[" in source or "._parameters[" in source:
-        keys = keys[1:]  # the root object's local name
-    return ".".join(keys)
+    return getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
 
 
 def _apply(rewrite: RewriteMatmuls, gm: fx.GraphModule) -> fx.GraphModule:

@@ -125,10 +125,13 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from .demo import DemoConfig, run_demo
     from .demo.report import results_table
+    from .demo.run import missing_extras_notes
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("nmcompile demo: --device cuda, but CUDA is not available", file=sys.stderr)
         return 1
+    for note in missing_extras_notes(not args.no_progress):  # said before minutes of training
+        print(f"nmcompile demo: note: {note}", file=sys.stderr)
     cfg = DemoConfig(
         **_sizes(args),
         device=args.device,
@@ -149,10 +152,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"\nmatmuls of the sparse recipe's graphs ({args.out}/dump/summary.txt):")
     print(result.matmul_table or "(no dump written)")
-    print(
-        f"\ntotal {report['total_wall_s']:.0f} s; wrote {args.out}/: loss.png, flip_rate.png, "
-        "report.json, report.md, dump/"
-    )
+    written = ", ".join([*result.files, "dump/"])
+    print(f"\ntotal {report['total_wall_s']:.0f} s; wrote {args.out}/: {written}")
     return 0
 
 

@@ -174,9 +174,9 @@ def run_solve(args: argparse.Namespace) -> int:
     """Transposable N:M masks of every eligible 2-D weight of a checkpoint, saved to ``--out``."""
     import torch
     from tabulate import tabulate
-    from tqdm import tqdm
 
     from .config import DEFAULT_EXCLUDE, NMConfig
+    from .extras import progress
     from .solvers import transposable_mask
 
     state = load_state_dict(args.checkpoint)
@@ -193,7 +193,7 @@ def run_solve(args: argparse.Namespace) -> int:
         else:
             notes.append(f"skipped {name}: {reason}")
     masks, rows = {}, []
-    for name in tqdm(todo, desc="solving", unit="weight", disable=args.no_progress,
+    for name in progress(todo, desc="solving", unit="weight", disable=args.no_progress,
                      file=sys.stderr):
         w = state[name].float()
         start = time.perf_counter()

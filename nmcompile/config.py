@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,13 +248,22 @@ class NMConfig:
             return self.grad_input
         return "transposable" if self.forward_policy == "transposable" else "dense"
 
-    def excludes(self, name: str, param: Any) -> str | None:
-        """Why the layer filter leaves parameter ``name`` dense, or ``None`` if it does not."""
-        if self.include is not None and not any(fnmatch.fnmatch(name, p) for p in self.include):
+    def excludes(self, name: str, param: Any, aliases: Sequence[str] = ()) -> str | None:
+        """Why the layer filter leaves parameter ``name`` dense, or ``None`` if it does not.
+
+        ``name`` is the parameter's ``named_parameters()`` name; ``aliases`` its other names
+        (a tied weight's, from ``named_parameters(remove_duplicate=False)``). ``include`` and
+        ``exclude`` patterns match any of them (excluding a tied LM head excludes the one
+        tensor it shares with the embedding); ``param_filter`` gets ``name``.
+        """
+        names = (name, *aliases)
+        if self.include is not None and not any(
+                fnmatch.fnmatch(n, p) for n in names for p in self.include):
             return f"not matched by include={list(self.include)}"
-        hit = next((p for p in self.exclude if fnmatch.fnmatch(name, p)), None)
-        if hit is not None:
-            return f"excluded by pattern {hit!r}"
+        for n in names:
+            hit = next((p for p in self.exclude if fnmatch.fnmatch(n, p)), None)
+            if hit is not None:
+                return f"excluded by pattern {hit!r}" + (f" (as {n})" if n != name else "")
         if self.param_filter is not None and not self.param_filter(name, param):
             return "rejected by param_filter"
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import math
@@ -199,6 +200,134 @@ def test_write_outputs(tmp_path: Path) -> None:
     assert "d_model 8, 1 layers, 1,234 parameters" in md
     for png in ("loss.png", "flip_rate.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- without the demo extra (matplotlib, tqdm) --------------------------------------------------
+def _hide_by_sys_modules(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """``import name`` raises ImportError: ``sys.modules[name] = None``."""
+    for module in list(sys.modules):
+        if module.split(".")[0] in names:
+            monkeypatch.delitem(sys.modules, module)
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def _hide_by_import_hook(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """``import name`` raises ModuleNotFoundError, as for a package that is not installed."""
+    real = builtins.__import__
+
+    def fake(name, *args, **kwargs):
+        if name.split(".")[0] in names:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *args, **kwargs)
+
+    for module in list(sys.modules):
+        if module.split(".")[0] in names:
+            monkeypatch.delitem(sys.modules, module)
+    monkeypatch.setattr(builtins, "__import__", fake)
+
+
+HIDE = [pytest.param(_hide_by_sys_modules, id="sys.modules"),
+        pytest.param(_hide_by_import_hook, id="__import__")]
+
+
+@pytest.mark.parametrize("hide", HIDE)
+def test_write_outputs_without_matplotlib_writes_the_results_and_skips_the_plots(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hide) -> None:
+    from nmcompile.extras import INSTALL_HINT, missing
+
+    hide(monkeypatch, "matplotlib")
+    assert missing() == ["matplotlib"]
+    report = {
+        "model": {"d_model": 8, "n_layer": 1, "parameters": 1234},
+        "steps": 2, "batch_size": 1, "seq_len": 4, "device": "cpu",
+        "corpus": {"train_bytes": 10, "val_bytes": 2}, "sparse_options": {"n": 2},
+        "recipes": [_recipe("dense", None), _recipe("sparse", 0.1)], "notes": [],
+    }
+    assert write_outputs(tmp_path, report, "| table |") == ["report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    assert json.loads((tmp_path / "report.json").read_text())["recipes"][1]["name"] == "sparse"
+    md = (tmp_path / "report.md").read_text()
+    assert "| table |" in md and "62.5%" in md and "loss.png" not in md
+    assert "Plots skipped: matplotlib is not installed" in md and INSTALL_HINT in md
+
+
+@pytest.mark.parametrize("hide", HIDE)
+def test_progress_bars_without_tqdm(monkeypatch: pytest.MonkeyPatch, hide) -> None:
+    from nmcompile.extras import missing, progress
+
+    hide(monkeypatch, "tqdm")
+    assert missing() == ["tqdm"]
+    bar = progress(range(3), desc="x", disable=False)
+    assert list(bar) == [0, 1, 2]
+    bar.set_postfix(loss="1.0")
+    bar.close()
+
+
+def test_cli_says_what_to_install_before_training(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path) -> None:
+    import nmcompile.demo
+    from nmcompile.demo import DemoResult
+
+    _hide_by_import_hook(monkeypatch, "matplotlib", "tqdm")
+
+    def fake_run_demo(cfg):  # the note must be out before the minutes of training start
+        err = capsys.readouterr().err
+        assert "matplotlib is not installed" in err and "tqdm is not installed" in err
+        assert 'pip install "nmcompile[demo]"' in err
+        report = {"recipes": [_recipe("dense", None)], "notes": ["n1"], "total_wall_s": 1.0}
+        return DemoResult(report, "", ("report.json", "report.md"))
+
+    monkeypatch.setattr(nmcompile.demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "report.json, report.md, dump/" in out and "loss.png" not in out
+
+
+def test_run_demo_without_the_extras_eager_backends(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from nmcompile.demo import DemoConfig, run_demo
+    from nmcompile.demo import run as demo_run
+
+    monkeypatch.setattr(demo_run, "DENSE_BACKEND", "eager")
+    _hide_by_sys_modules(monkeypatch, "matplotlib", "tqdm")
+    cfg = DemoConfig(steps=3, batch_size=2, seq_len=8, d_model=8, layers=1, out=str(tmp_path),
+                     corpus_bytes=200_000, sparse_backend="eager", evals=1, flip_every=1)
+    result = run_demo(cfg)
+    assert result.files == ("report.json", "report.md")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    notes = result.report["notes"]
+    assert any(n.startswith("matplotlib is not installed") for n in notes)
+    assert any(n.startswith("tqdm is not installed") for n in notes)
+    assert all(len(r["train_curve"]) == 3 for r in result.report["recipes"])
+
+
+@pytest.mark.slow
+def test_demo_trains_and_writes_results_without_the_extras(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``pip install nmcompile`` without ``[demo]``: both recipes train, the table, report and
+    JSON are written, the plots are skipped with a note (small sizes, no Inductor)."""
+    from nmcompile.demo import run as demo_run
+
+    monkeypatch.setattr(demo_run, "DENSE_BACKEND", "eager")
+    monkeypatch.setitem(demo_run.SPARSE_OPTIONS, "inductor", False)
+    _hide_by_import_hook(monkeypatch, "matplotlib", "tqdm")
+    out = tmp_path / "out"
+    argv = ["demo", "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--d-model", "16",
+            "--layers", "1", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "matplotlib is not installed" in captured.err
+    assert "final val loss" in captured.out and "note: matplotlib is not installed" in \
+        captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["dump", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in report["recipes"]] == ["dense", "sparse 2:4"]
+    assert all(len(r["train_curve"]) == 4 for r in report["recipes"])
+    assert any("matplotlib is not installed" in note for note in report["notes"])
+    assert "Plots skipped" in (out / "report.md").read_text()
 
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from ..extras import INSTALL_HINT, missing
+
 __all__ = [
     "HEADERS",
     "flip_rate",
@@ -129,9 +131,15 @@ def _plot_flips(recipes: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, report: Mapping[str, Any], matmul_table: str) -> None:
-    """Write ``report.json``, ``report.md``, ``loss.png`` and ``flip_rate.png`` into ``out``."""
+def write_outputs(out: Path, report: Mapping[str, Any], matmul_table: str) -> list[str]:
+    """Write ``report.json`` and ``report.md`` into ``out``, then ``loss.png`` and
+    ``flip_rate.png`` if matplotlib is installed; return the names of the files written.
+
+    Without matplotlib (the ``demo`` extra) the plots are skipped and ``report.md`` says what
+    to install; the figures and tables are written all the same.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    plots = not missing(("matplotlib",))
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     recipes, model = report["recipes"], report["model"]
     md = [
@@ -149,17 +157,21 @@ def write_outputs(out: Path, report: Mapping[str, Any], matmul_table: str) -> No
     ]
     if report.get("notes"):
         md += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
+    md += [""]
+    if plots:
+        md += ["![loss](loss.png)", "", "![flip rate](flip_rate.png)", ""]
+    else:
+        md += [f"(Plots skipped: matplotlib is not installed; `{INSTALL_HINT}` draws them.)", ""]
     md += [
-        "",
-        "![loss](loss.png)",
-        "",
-        "![flip rate](flip_rate.png)",
-        "",
         "## Matmuls of the sparse recipe's graphs",
         "",
         matmul_table or "(no dump)",
         "",
     ]
     (out / "report.md").write_text("\n".join(md))
-    _plot_losses(recipes, out / "loss.png")
-    _plot_flips(recipes, out / "flip_rate.png")
+    written = ["report.json", "report.md"]
+    if plots:
+        _plot_losses(recipes, out / "loss.png")
+        _plot_flips(recipes, out / "flip_rate.png")
+        written += ["loss.png", "flip_rate.png"]
+    return written

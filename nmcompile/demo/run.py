@@ -14,6 +14,7 @@ import torch
 
 from ..config import NMConfig
 from ..dump import format_table, read_summary
+from ..extras import INSTALL_HINT, missing
 from ..models import GPTConfig, TinyGPT
 from .data import Corpus, load_corpus, sample_offsets, spaced_offsets
 from .report import sparse_flop_share, write_outputs
@@ -26,6 +27,7 @@ __all__ = [
     "DemoResult",
     "make_model",
     "make_schedule",
+    "missing_extras_notes",
     "run_demo",
     "sparse_phases",
 ]
@@ -70,10 +72,24 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class DemoResult:
-    """The report (also written as ``report.json``) and the per-matmul table text."""
+    """The report (also written as ``report.json``), the per-matmul table text, and the files
+    written into the output folder (besides ``dump/``)."""
 
     report: dict[str, Any]
     matmul_table: str
+    files: tuple[str, ...] = ()
+
+
+def missing_extras_notes(progress: bool = True) -> list[str]:
+    """Notes on the ``demo`` extra's modules that are not installed (empty if all are)."""
+    absent = missing()
+    notes = []
+    if "matplotlib" in absent:
+        notes.append("matplotlib is not installed: the plots (loss.png, flip_rate.png) are "
+                     f"skipped; the results are written all the same ({INSTALL_HINT})")
+    if "tqdm" in absent and progress:
+        notes.append(f"tqdm is not installed: no progress bars ({INSTALL_HINT})")
+    return notes
 
 
 def sparse_phases(cfg: DemoConfig, options: dict[str, Any] | None) -> list[Phase]:
@@ -113,7 +129,12 @@ def make_model(cfg: DemoConfig) -> TinyGPT:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    """Train both recipes, write the output folder, and return the report."""
+    """Train both recipes, write the output folder, and return the report.
+
+    Without the ``demo`` extra (matplotlib, tqdm) both recipes still train and the report,
+    its table and JSON are written; the plots and progress bars are skipped, with a note in
+    the report.
+    """
     t0 = time.perf_counter()
     out = Path(cfg.out)
     dump = out / "dump"
@@ -124,7 +145,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     gpt = dense_model.cfg
     sparse_model = copy.deepcopy(dense_model)
 
-    notes: list[str] = []
+    notes: list[str] = missing_extras_notes(cfg.progress)
     options = None
     if cfg.sparse_backend == "nm":
         options = {**cfg.sparse_options, "dump_dir": str(dump)}
@@ -161,5 +182,5 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         "total_wall_s": round(time.perf_counter() - t0, 1),
     }
     table = format_table(summary["matmuls"]) if summary["matmuls"] else ""
-    write_outputs(out, report, table)
-    return DemoResult(report, table)
+    files = write_outputs(out, report, table)
+    return DemoResult(report, table, tuple(files))

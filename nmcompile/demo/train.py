@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import masks  # the public API; its home module may move
+from ..extras import progress as progress_bar
 from .data import windows
 from .report import flip_rate
 
@@ -146,7 +146,7 @@ def train_recipe(
         "tail_start": (phases[-1].start if len(phases) > 1 else phases[-1].tail_start),
     }
     timed_s, timed_steps, t_start = 0.0, 0, time.perf_counter()
-    bar = tqdm(range(s.steps), desc=name, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(s.steps), desc=name, disable=not progress, dynamic_ncols=True)
     for step in bar:
         if step in starts:
             phase = starts[step]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_PATTERN_M",
     "BandPlan",
     "band_plan",
+    "score_bits",
     "tile_patterns",
     "transposable_mask_patterns",
     "transposable_mask_scored",
@@ -262,10 +264,24 @@ def transposable_mask_scored(
 ) -> torch.Tensor:
     """Exact transposable mask by scoring every tile against every pattern in ONE matmul.
 
-    Same optimum as :func:`transposable_mask_patterns`, with a tiny graph: a
-    ``[tiles, m*m] @ [m*m, P]`` matmul and an argmax. This is the form the backend traces into
-    training graphs (Inductor compiles it in seconds; the row-pair formulation's ~400 ops take
-    minutes to compile for no faster step). Ties go to the pattern with the lowest bit code.
+    ``w``: a floating weight whose two GEMM dims (see
+    :func:`nmcompile.solvers._shapes.as_matrix`) are multiples of ``m`` (``m <= 4``), any
+    float dtype and device; returns a bool mask of ``w``'s shape. Raises ``ValueError`` for a
+    bad ratio, ``m > 4`` or dims that are not multiples of ``m``.
+
+    This is the form the backend traces into training graphs (a ``[P, m*m] @ [m*m, tiles]``
+    matmul and an argmax: Inductor compiles it in seconds, where the row-pair formulation's
+    ~400 ops take minutes). Each tile's magnitudes are first made exact integers
+    (:func:`_tile_scores`), so every pattern's score is an exact sum whatever the summation
+    order: the choice of a tile depends on that tile alone, never on the matmul's blocking,
+    the device, Inductor or eager, or the other weights scored in the same batch; ties go to
+    the pattern with the lowest bit code (:func:`tile_patterns`' order). Every non-zero counts
+    at least one unit, so a pattern covering a strict superset of another's non-zeros always
+    wins: a tile that is already admissible keeps all its non-zeros, whatever their
+    magnitudes (subnormals included). The kept magnitude is optimal up to the integers'
+    resolution: within ``n * m * 2**-(B - 1)`` of the tile's largest ``|w|``, where
+    ``B = 24 - ceil(log2(n * m))`` (21 for 2:4) for float32/float16/bfloat16 weights and
+    ``53 - ceil(log2(n * m))`` for float64.
     """
     return transposable_masks_scored([w], n, m, exact_n)[0]
 
@@ -275,13 +291,16 @@ def transposable_masks_scored(
 ) -> list[torch.Tensor]:
     """:func:`transposable_mask_scored` of several weights at once, with ONE matmul.
 
-    The tiles of all weights are scored together, so a training graph holds one set of mask
-    kernels whatever the number of layers (each tile's choice is the same as alone).
+    ``weights``: one or more weights on one device (dtypes may differ); returns their masks in
+    order. The tiles of all weights are scored together, so a training graph holds one set of
+    mask kernels whatever the number of layers; each tile's choice is exactly the one
+    :func:`transposable_mask_scored` makes for its weight alone.
     """
     mats = [_checked(w, n, m, exact_n) for w in weights]
-    score_dtype = functools.reduce(torch.promote_types, [w.dtype for w in mats], torch.float32)
+    scores = [_tile_scores(w2d, n, m) for w2d in mats]
+    score_dtype = _matmul_dtype([s.dtype for s in scores], mats[0].device)
     table = torch.as_tensor(tile_patterns(n, m, exact_n), device=mats[0].device)
-    tiles = torch.cat([_tiles(w2d, m, score_dtype) for w2d in mats])
+    tiles = torch.cat([s.to(score_dtype) for s in scores])
     codes = _codes(table)[_best_patterns(tiles, table, score_dtype)]
     counts = [w2d.numel() // (m * m) for w2d in mats]
     return [_untile(part, w2d.shape, m).reshape(w.shape)
@@ -298,12 +317,64 @@ def _checked(w: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Tensor:
     return w2d
 
 
-def _tiles(w2d: torch.Tensor, m: int, score_dtype: torch.dtype) -> torch.Tensor:
-    """``|w|`` as one row of ``m*m`` per tile (NaN counts as zero)."""
+#: float dtype of a tile's integer magnitudes -> (integer dtype of the same width, significand
+#: bits, stored mantissa bits, exponent bias)
+_FORMATS = {
+    torch.float32: (torch.int32, 24, 23, 127),
+    torch.float64: (torch.int64, 53, 52, 1023),
+}
+
+
+def score_bits(n: int, m: int, dtype: torch.dtype) -> int:
+    """Bits ``B`` of the integer magnitudes :func:`_tile_scores` gives a ``dtype`` weight.
+
+    A tile's largest ``|w|`` becomes an integer in ``[2**(B-1), 2**B]``; a pattern keeps at
+    most ``n * m`` cells, so every pattern score is an integer of at most the score dtype's
+    significand bits: exact in float32 (float64 for float64 weights).
+    """
+    digits = _FORMATS[_magnitude_dtype(dtype)][1]
+    return digits - math.ceil(math.log2(n * m))
+
+
+def _magnitude_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tile_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``|w|`` as one row of ``m*m`` exact integers per tile, in float32 (float64 weights:
+    float64).
+
+    Each tile is scaled by the power of two that puts its largest magnitude in
+    ``[2**(B-1), 2**B)`` (:func:`score_bits`; the scale is built from the exponent bits, so the
+    product is exact) and rounded up; every non-zero, subnormals included, is at least 1
+    (also where denormals are flushed to zero). Integer ops on the bit patterns and a
+    power-of-two product: the same integers in eager mode, under Inductor and on any device.
+    NaN counts as zero and +-Inf as the dtype's largest finite value.
+    """
     rows, cols = w2d.shape
-    magnitude = torch.nan_to_num(w2d.detach().abs().to(score_dtype), nan=0.0)
+    dtype = _magnitude_dtype(w2d.dtype)
+    itype, _, mantissa, bias = _FORMATS[dtype]
+    bits = score_bits(n, m, dtype)
+    magnitude = torch.nan_to_num(w2d.detach().abs().to(dtype), nan=0.0,
+                                 posinf=torch.finfo(dtype).max)
     tiles = magnitude.reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3)
-    return tiles.reshape(-1, m * m)
+    tiles = tiles.reshape(-1, m * m)
+    raw = tiles.view(itype)  # non-negative floats order like their bit patterns
+    exponent = raw.amax(dim=1, keepdim=True) >> mantissa  # biased exponent of the tile's max
+    scale = (bits - 1 + 2 * bias - exponent).clamp_(max=2 * bias) << mantissa
+    scaled = torch.ceil(tiles * scale.view(dtype))
+    return torch.maximum(scaled, (raw != 0).to(dtype))
+
+
+def _matmul_dtype(dtypes: Sequence[torch.dtype], device: torch.device) -> torch.dtype:
+    """The scoring matmul's dtype: float32 sums the integer scores exactly unless float32
+    matmuls may round their inputs (TF32, ``torch.set_float32_matmul_precision("high")``),
+    then float64 (not on MPS, which has none)."""
+    dtype = functools.reduce(torch.promote_types, dtypes, torch.float32)
+    if (dtype == torch.float32 and device.type != "mps"
+            and torch.get_float32_matmul_precision() != "highest"):
+        return torch.float64
+    return dtype
 
 
 def _best_patterns(tiles: torch.Tensor, table: torch.Tensor,
@@ -312,7 +383,8 @@ def _best_patterns(tiles: torch.Tensor, table: torch.Tensor,
 
     Scored as ``[P, m*m] @ [m*m, tiles]`` and reduced over the pattern dim: the reduction then
     runs across contiguous tiles, which Inductor vectorises (about 3x faster than the argmax
-    of ``[tiles, P]`` along its rows on CPU).
+    of ``[tiles, P]`` along its rows on CPU). The scores are exact integers, so equal scores
+    are true ties, and ``argmax`` returns the first of them.
     """
     return (table.to(score_dtype) @ tiles.t()).argmax(dim=0)
 
