@@ -45,7 +45,7 @@ from ..masking import BankSlots, MaskSpec, compute_mask
 from ..solvers.fst import fst_prune, gradient_shift
 from ..solvers.mvue import mvue
 from ..solvers.patterns import transposable_masks_scored
-from ._graph import GraphEditor, primals
+from ._graph import GraphEditor, primals, take_place
 from .add_masked_decay import add_masked_decay
 from .eligibility import (
     Matmul,
@@ -494,8 +494,7 @@ class _Rewriter:
         return f"{_op_name(mm.node)} (masked weight)"
 
     def _swap(self, old: fx.Node, new: fx.Node) -> None:
-        old.replace_all_uses_with(new)
-        self.graph.erase_node(old)
+        take_place(old, new)
 
     def _record(self, mm: Matmul, role: str | None, p: ParamOperand | None, reason: str | None,
                 became: str | tuple[str, str] | None = None) -> MatmulRecord:
