@@ -362,8 +362,10 @@ class _Rewriter:
             out_f, in_f = weight_shape
             m, k = (out_f, in_f) if role == "forward" else (in_f, out_f)
             n = math.prod(val.shape[:-1])
-            spec = self.masks[p.param][0]  # its reduction_dim is the FORWARD GEMM's
-            transposed = (spec.reduction_dim == 0) == (role == "forward")
+            spec = self.masks[p.param][0]
+            # compress(P*M) or compress((P*M)^T): the GEMM's sparse operand as this GEMM (not
+            # the mask's first use) lays the parameter P out
+            transposed = (_forward_reduction(p, role) == 0) == (role == "forward")
             ext = self.external.get(p.param)
             if not implies_2_4(spec.n, spec.m):
                 blocker = f"{spec.n}:{spec.m} mask is not 2:4"
@@ -385,9 +387,11 @@ class _Rewriter:
             self.packed_used.setdefault(p.param, set()).add(transposed)
         return choice, packed
 
-    def _oriented(self, p: ParamOperand, mask: fx.Node, like: fx.Node) -> tuple[fx.Node, fx.Node]:
-        """The parameter and its mask laid out ``[out, in]`` (views, no cast)."""
-        if self.masks[p.param][0].reduction_dim == 1:
+    def _oriented(self, p: ParamOperand, mask: fx.Node, like: fx.Node,
+                  role: str) -> tuple[fx.Node, fx.Node]:
+        """The parameter and its mask laid out ``[out, in]`` as the forward GEMM of this
+        ``role``'s matmul reads it (views, no cast)."""
+        if _forward_reduction(p, role) == 1:
             return p.param, mask
         return self._t(p.param, like), self._t(mask, like)
 
@@ -404,7 +408,7 @@ class _Rewriter:
             bias = mm.bias if p.side == 1 and _fusable_bias(mm) else None
             choice, packed = self._kernel("forward", p, x, tuple(weight.meta["val"].shape))
             if packed is not None:  # the kernel reads the compressed copy, not the cast weight
-                weight, wmask = self._oriented(p, mask, like)
+                weight, wmask = self._oriented(p, mask, like, "forward")
             out = self.edit.call(_LINEAR_FORWARD, [x, weight, wmask, bias, packed, choice.alg_id],
                                  like=like)
             if p.side == 0:
@@ -434,7 +438,7 @@ class _Rewriter:
             else:
                 choice, packed = self._kernel("grad_input", p, g, shape)
             if packed is not None:
-                weight, wmask = self._oriented(p, mask, like)
+                weight, wmask = self._oriented(p, mask, like, "grad_input")
             out = self.edit.call(_LINEAR_GRAD_INPUT, [g, weight, wmask, packed, choice.alg_id],
                                  like=like)
             if p.side == 0:
@@ -544,6 +548,12 @@ class _Forward:
     param: ParamOperand
     mask: fx.Node | None  # None: the forward stayed dense
     activation: fx.Node  # the non-parameter operand X
+
+
+def _forward_reduction(p: ParamOperand, role: str) -> int:
+    """The parameter dim the forward GEMM of ``p``'s matmul reduces: the matmul's own for a
+    forward GEMM, the other one for a grad-input GEMM (which reduces the out-features)."""
+    return p.reduction_dim if role == "forward" else 1 - p.reduction_dim
 
 
 def _strip_transposes(node: fx.Node) -> fx.Node:
