@@ -52,8 +52,8 @@ from .eligibility import (
     ParamOperand,
     as_matmul,
     check_weight,
+    describe_path,
     find_param,
-    reaches_param,
 )
 
 __all__ = ["MatmulRecord", "RewriteMatmuls"]
@@ -279,13 +279,14 @@ class _Rewriter:
                             "grad_input='dense': exact masked gradient on a dense GEMM", became)
 
     def _no_param_reason(self, mm: Matmul) -> str:
-        reached = [reaches_param(x, self.names) for x in (mm.a, mm.b)]
-        names = [self.names[r] for r in reached if r is not None]
-        if not names:
+        paths = [describe_path(x, self.names) for x in (mm.a, mm.b)]
+        paths = [path for path in paths if path is not None]
+        if not paths:
             return self.unmatched or "both operands are activations"
         kind = "batched matmul (bmm)" if mm.batched else "matmul"
-        return (f"{kind} reads parameter {names[0]} through a reshape/expand/slice; only a "
-                "2-D weight, transposed or cast, is rewritten")
+        param, how = paths[0]
+        return (f"{kind} reads parameter {self.names[param]} through {how}; only a 2-D weight, "
+                "transposed or cast, is rewritten")
 
     def _grad_weight(self, mm: Matmul, fwd: _Forward) -> MatmulRecord:
         if fwd.mask is None:
