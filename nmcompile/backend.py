@@ -4,6 +4,8 @@ Registered through the ``torch_dynamo_backends`` entry point, so no import is ne
 backend validates the options, finds which graph inputs are parameters, and compiles the graph
 with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.rewrite_matmuls`)
 installed as Inductor's ``joint_custom_pre_pass`` so it sees forward and backward together.
+A parameter that earlier graphs already mask is masked the same way in this one (its
+:class:`~nmcompile.masking.MaskSpec` is handed to the pass).
 
 AOTAutograd's cache is bypassed for these compiles: a cache hit would skip the joint pass,
 and with it the dump and the record of which parameters are masked (``nmcompile.masks``).
@@ -27,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .config import NMConfig
 from .dump import GraphDump
 from .kernels import autocast_dtypes, packing_dtype
+from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .state import MaskBank, register_on_call
 
@@ -83,9 +86,11 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
     rewrite = RewriteMatmuls(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,
-                             bank.pack_failures if bank is not None else None)
+                             bank.pack_failures if bank is not None else None,
+                             _prior_specs(gm, example_inputs, params))
     compile_graph = _compile_inductor if config.inductor else _compile_fx_only
     compiled = compile_graph(gm, example_inputs, rewrite, dump)
+    _compare_with_earlier_graphs(gm, example_inputs, params, rewrite)
     if bank is not None:
         wrapped = bank.wrap(compiled)
         extra = bank.tensors
@@ -93,6 +98,42 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         wrapped = register_on_call(rewrite.specs, compiled)
         extra = []
     return _skip_fake_calls(wrapped, compiled, extra)
+
+
+def _prior_specs(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 params: Sequence[GraphInput]) -> dict[int, MaskSpec]:
+    """Position -> mask spec of every parameter that graphs compiled earlier already mask
+    (a training graph before its eval graph): this graph masks it the same way."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {}
+    for p in params:
+        value = _real_value(placeholders[p.position], example_inputs[p.position])
+        record = record_of(value) if value is not None else None
+        if record is not None:
+            found[p.position] = record.spec
+    return found
+
+
+def _compare_with_earlier_graphs(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                                 params: Sequence[GraphInput], rewrite: RewriteMatmuls) -> None:
+    """Warn once per parameter that this graph masks while a graph compiled earlier reads it
+    with its dense value (one that saw no GEMM it could mask, e.g. only a fused op or a slice
+    of it); note this graph's own dense reads for the graphs compiled later."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = {p.position: p.name for p in params}
+    for pos in set(rewrite.specs) | set(rewrite.dense_reads):
+        value = _real_value(placeholders[pos], example_inputs[pos])
+        if value is None:
+            continue
+        if pos in rewrite.dense_reads:
+            note_dense_read(value, rewrite.dense_reads[pos])
+            continue
+        earlier = take_dense_read(value)
+        if earlier is not None:
+            log.warning(
+                "nm: %s is masked from this graph on, but a graph compiled earlier reads it "
+                "with its dense value (%s); that graph keeps doing so until it is recompiled "
+                "(torch._dynamo.reset())", names[pos], earlier)
 
 
 def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],

@@ -64,10 +64,15 @@ def _val(arg: Any) -> Any:
 
 
 class GraphEditor:
-    """Adds nodes to one FX graph, keeping fake values and provenance metadata valid."""
+    """Adds nodes to one FX graph, keeping fake values and provenance metadata valid.
+
+    ``created`` holds every node it added: the passes tell their own nodes (masks, nm ops,
+    transposes) from the graph's original ones by it.
+    """
 
     def __init__(self, graph: fx.Graph) -> None:
         self.graph = graph
+        self.created: set[fx.Node] = set()
         vals = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
         mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
         self.fake_mode: FakeTensorMode = mode or FakeTensorMode()
@@ -82,11 +87,23 @@ class GraphEditor:
         the node it replaces would have gone, and recomputes it where that node would be.
         """
         node = self.graph.call_function(target, tuple(args))
+        self.created.add(node)
         if like is not None:
             node.meta.update(provenance(like))
         with self.fake_mode:
             node.meta["val"] = target(*tree_map(_val, tuple(args)))
         return node
+
+    def copy(self, node: fx.Node, source: fx.Node, like: fx.Node | None = None) -> fx.Node:
+        """Insert a copy of ``node`` (a view, cast or ``getitem``: same op, same other
+        arguments) that reads ``source`` in place of its first argument, a tensor shaped and
+        typed as that argument is (so the fake value carries over)."""
+        first = node.args[0]
+        new = self.graph.node_copy(node, lambda n: source if n is first else n)
+        self.created.add(new)
+        if like is not None:
+            new.meta.update(provenance(like))
+        return new
 
     def inline(self, fn: Callable[..., Any], inputs: Sequence[fx.Node],
                tag: str, like: fx.Node | None = None) -> Any:
@@ -119,6 +136,7 @@ class GraphEditor:
                 new = self._constant(getattr(traced, node.target), node, tag)
             else:
                 new = self.graph.node_copy(node, lambda n: env[n])
+                self.created.add(new)
             if like is not None:
                 new.meta.update(provenance(like))
             new.meta.setdefault("partitioner_tag", "is_forward")
@@ -134,6 +152,7 @@ class GraphEditor:
             name = f"_nm_const_{tag}_{next(self._names)}"
             self.graph.owning_module.register_buffer(name, value, persistent=False)
             node = self.graph.get_attr(name)
+            self.created.add(node)
             node.meta.update(traced_node.meta)
             self._constants[key] = node
         return self._constants[key]
