@@ -4,6 +4,9 @@ Registered through the ``torch_dynamo_backends`` entry point, so no import is ne
 backend validates the options, finds which graph inputs are parameters, and compiles the graph
 with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.rewrite_matmuls`)
 installed as Inductor's ``joint_custom_pre_pass`` so it sees forward and backward together.
+AOTAutograd traces with Inductor's decompositions plus those of the fused ops that read linear
+weights (:mod:`nmcompile.passes.fused_ops`: the eval fast paths of ``nn.MultiheadAttention``
+and ``nn.TransformerEncoderLayer``), so every projection is a GEMM the rewrite can mask.
 A parameter that earlier graphs already mask is masked the same way in this one (its
 :class:`~nmcompile.masking.MaskSpec` is handed to the pass).
 
@@ -30,6 +33,7 @@ from .config import NMConfig
 from .dump import GraphDump
 from .kernels import autocast_dtypes, packing_dtype
 from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
+from .passes.fused_ops import decomposition_table
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .state import MaskBank, register_on_call
 
@@ -280,7 +284,8 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: Rewrite
     inner = functools.partial(_dump_then_compile, dump=dump) if dump else compile_fx_inner
     patches = {**list_mode_options(rewrite.config.mode), "joint_custom_pre_pass": rewrite}
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches,
+                          decompositions=decomposition_table())
 
 
 def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
@@ -289,7 +294,6 @@ def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteM
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import default_partition
-    from torch._inductor.decomposition import select_decomp_table
 
     partitioned: list[bool] = []
 
@@ -310,5 +314,5 @@ def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteM
     # Dynamo's AOTAutograd wrapper, not aot_module_simplified itself: DDPOptimizer reads its
     # counter to know that a bucket's piece went through AOTAutograd (and keep its metadata)
     backend = aot_autograd(fw_compiler=compiler("forward.py"), bw_compiler=compiler("backward.py"),
-                           partition_fn=partition, decompositions=select_decomp_table())
+                           partition_fn=partition, decompositions=decomposition_table())
     return backend(gm, example_inputs)
