@@ -95,12 +95,17 @@ def _mlp_run():
     return run, x
 
 
-@pytest.mark.parametrize("model_kind", ["gpt", "mlp", "mlp_selective"])
-def test_checkpointed_regions_save_what_the_original_saves(tmp_path, model_kind):
+@pytest.mark.parametrize("model_kind, options", [
+    ("gpt", {}), ("mlp", {}), ("mlp_selective", {}),
+    ("gpt", {"mask_interval": 2}),  # masks solved outside the graph: graph inputs
+    pytest.param("gpt", {"forward": "rowwise", "grad_input": "dense", "decay": 0.1},
+                 marks=pytest.mark.slow),
+])
+def test_checkpointed_regions_save_what_the_original_saves(tmp_path, model_kind, options):
     """``inductor=False`` (default partitioner): the same saved activations as AOTAutograd
     with the same partitioner and no rewrite; the rewritten forward GEMMs are recomputed in
     the backward (their ``nm.linear_forward`` appears there), and the gradients are those of
-    the masked fp64 reference."""
+    the masked fp64 reference (plus the masked decay, where set)."""
     torch.manual_seed(0)
     if model_kind == "gpt":
         cfg = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=2)
@@ -111,7 +116,8 @@ def test_checkpointed_regions_save_what_the_original_saves(tmp_path, model_kind)
         run, _ = _mlp_run()
     reference, _ = _saved(model, run, default_partition_backend())
     model.zero_grad(set_to_none=True)
-    saved, loss = _saved(model, run, "nm", {"inductor": False, "dump_dir": str(tmp_path)})
+    saved, loss = _saved(model, run, "nm",
+                         {"inductor": False, "dump_dir": str(tmp_path), **options})
     assert saved.sizes() == reference.sizes()
 
     rows = read_summary(tmp_path)["matmuls"]
@@ -130,6 +136,12 @@ def test_checkpointed_regions_save_what_the_original_saves(tmp_path, model_kind)
     ref_loss = run(ref) if model_kind == "gpt" else ref(_mlp_run()[1].double()).square().sum()
     ref_loss.backward()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-5)
+    decay = options.get("decay", 0.0)
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name in masks and param.grad is not None:  # (1 - mask) * W on the dense weight
+                dense = dict(model.named_parameters())[name].double()
+                param.grad += decay * torch.where(masks[name], 0.0, dense)
     assert_grads_match(model, ref)
 
 

@@ -29,6 +29,9 @@ def _masks(kind: str) -> dict:
         kwargs["src_key_padding_mask"] = padding
     if kind in ("causal", "both"):
         kwargs["src_mask"] = nn.Transformer.generate_square_subsequent_mask(T)
+    if kind == "both":  # both float (additive): torch deprecates mixing bool and float masks
+        padding = kwargs["src_key_padding_mask"]
+        kwargs["src_key_padding_mask"] = torch.zeros(B, T).masked_fill(padding, float("-inf"))
     if kind == "bool_causal":
         kwargs["src_mask"] = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
     return kwargs
