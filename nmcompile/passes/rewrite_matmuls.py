@@ -373,14 +373,17 @@ class _Rewriter:
 
     def _mask(self, mm: Matmul, p: ParamOperand) -> fx.Node:
         if p.param not in self.masks:
-            self._new_mask(p.param, self._spec(p), mm.node)
+            self._new_mask(p.param, self._spec(p))
         return self.masks[p.param][1]
 
-    def _new_mask(self, param: fx.Node, spec: MaskSpec, before: fx.Node) -> None:
+    def _new_mask(self, param: fx.Node, spec: MaskSpec) -> None:
+        """The mask of ``param``: a graph input, or computed from the weight before the graph's
+        first op (so every read of the weight, wherever it is, comes after it)."""
         if param in self.external:  # solved outside the graph, passed in as an input
             node = self.external[param].mask
         else:
-            with self.graph.inserting_before(before):
+            first_op = next(n for n in self.graph.nodes if n.op != "placeholder")
+            with self.graph.inserting_before(first_op):
                 node = self.edit.inline(lambda w: compute_mask(w, spec), [param], "mask")
         self.masks[param] = (spec, node)
 
@@ -395,11 +398,10 @@ class _Rewriter:
         the parameter, are left alone. A parameter an earlier graph masked (``prior``) that no
         GEMM of this graph masked gets its mask here.
         """
-        order = {node: i for i, node in enumerate(self.graph.nodes)}
         for param, spec in self.prior.items():
-            reads = self._reads(param)
-            if param not in self.masks and reads:
-                self._new_mask(param, spec, min((u for u, _ in reads), key=order.__getitem__))
+            if param not in self.masks and self._reads(param):
+                self._new_mask(param, spec)
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
         for param, (_, mask) in list(self.masks.items()):
             copies: dict[tuple[fx.Node, bool], fx.Node] = {}
             for user, operand in sorted(self._reads(param), key=lambda r: order[r[0]]):

@@ -99,6 +99,9 @@ class OtherReads(nn.Module):
         self.emb = nn.Embedding(16, 32)
 
     def forward(self, x):  # x: [tokens, 32]
+        if self.how == "gate_first":  # read before the GEMM that masks the weight
+            gate = torch.sigmoid(self.w.sum(1))
+            return F.linear(x, self.w) * gate
         h = F.linear(x, self.w)
         if self.how == "elementwise":  # e.g. a regulariser or a weight-derived gate
             return h * torch.sigmoid(self.w.sum(1))
@@ -115,23 +118,27 @@ class OtherReads(nn.Module):
         raise AssertionError(self.how)
 
 
-@pytest.mark.parametrize("how", ["elementwise", "scaled_addmm", "slice", "bmm_expand",
-                                 "tied_embedding"])
-def test_every_other_read_of_a_masked_weight_reads_the_masked_weight(tmp_path, how):
+@pytest.mark.parametrize("policy", ["transposable", "rowwise"])
+@pytest.mark.parametrize("how", ["elementwise", "gate_first", "scaled_addmm", "slice",
+                                 "bmm_expand", "tied_embedding"])
+def test_every_other_read_of_a_masked_weight_reads_the_masked_weight(tmp_path, how, policy):
     """The read the pass cannot make sparse gets ``where(mask, W, 0)``; its row names the
     parameter and the op; outputs and gradients are those of the masked model."""
     torch.manual_seed(0)
     model = OtherReads(how)
     options = {"exclude": ()} if how == "tied_embedding" else {}
+    if policy == "rowwise":
+        options.update(ROWWISE)
     x, y, cot, masks, rows = _step(model, torch.randn(6, 32), tmp_path, **options)
     param = "emb.weight" if how == "tied_embedding" else "w"
     assert param in masks
     reads = [r for r in _rows_of(rows, param) if "masked weight" in r["became"]]
     assert reads, _rows_of(rows, param)
-    expected = {"elementwise": "aten.sum", "scaled_addmm": "aten.addmm", "slice": "aten.mm",
-                "bmm_expand": "aten.bmm", "tied_embedding": "aten.embedding"}[how]
+    expected = {"elementwise": "aten.sum", "gate_first": "aten.sum", "scaled_addmm": "aten.addmm",
+                "slice": "aten.mm", "bmm_expand": "aten.bmm",
+                "tied_embedding": "aten.embedding"}[how]
     assert any(r["became"] == f"{expected} (masked weight)" for r in reads), reads
-    if how in ("elementwise", "tied_embedding"):
+    if how in ("elementwise", "gate_first", "tied_embedding"):
         row = next(r for r in reads if r["became"].startswith(expected))
         assert row["role"] is None and not row["sparse"]
         assert row["reason"].startswith(f"{expected} reads parameter {param}")
