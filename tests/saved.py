@@ -41,15 +41,14 @@ class Saved:
         return [sorted(g.values()) for g in self.graphs]
 
 
-def _activations(joint: fx.GraphModule, bw: fx.GraphModule, static: set[int]) -> dict[str, int]:
-    inputs = [n for n in joint.graph.nodes
-              if n.op == "placeholder" and not n.name.startswith("tangents")]
+def _activations(joint: fx.Graph, bw: fx.GraphModule, static: set[int]) -> dict[str, int]:
+    inputs = [n for n in joint.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
     data = {n for i, n in enumerate(inputs) if i not in static}
     depends: set[fx.Node] = set()
-    for node in joint.graph.nodes:
+    for node in joint.nodes:
         if node in data or any(a in depends for a in node.all_input_nodes):
             depends.add(node)
-    by_name = {n.name: n for n in joint.graph.nodes}
+    by_name = {n.name: n for n in joint.nodes}
     found = {}
     for node in bw.graph.nodes:
         if node.op != "placeholder" or node.name.startswith("tangents"):
@@ -66,11 +65,8 @@ def _activations(joint: fx.GraphModule, bw: fx.GraphModule, static: set[int]) ->
 def _counting(partition: Callable, saved: Saved) -> Callable:
     def run(joint: fx.GraphModule, inputs, **kwargs):
         static = set(kwargs.get("static_lifetime_input_indices") or ())
-        # the partitioner may edit the joint graph: read it from a copy
-        original = fx.GraphModule(joint, fx.Graph())
-        original.graph = joint.graph.__class__()
-        env: dict = {}
-        original.graph.graph_copy(joint.graph, env)
+        original = fx.Graph()  # the partitioner may edit the joint graph: read a copy
+        original.graph_copy(joint.graph, {})
         fw, bw = partition(joint, inputs, **kwargs)
         saved.graphs.append(_activations(original, bw, static))
         return fw, bw

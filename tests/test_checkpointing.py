@@ -77,6 +77,7 @@ def _saved(model, run, backend, options=None):
         loss = run(torch.compile(model, backend=backend, options=options))
         loss.backward()
     assert saved.graphs, "no joint graph was partitioned"
+    assert saved.elements > 0, "no activation saved: the count would compare nothing"
     return saved, loss
 
 
