@@ -4,6 +4,11 @@ Registered through the ``torch_dynamo_backends`` entry point, so no import is ne
 backend validates the options, finds which graph inputs are parameters, and compiles the graph
 with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.rewrite_matmuls`)
 installed as Inductor's ``joint_custom_pre_pass`` so it sees forward and backward together.
+AOTAutograd traces with Inductor's decompositions plus those of the fused ops that read linear
+weights (:mod:`nmcompile.passes.fused_ops`: the eval fast paths of ``nn.MultiheadAttention``
+and ``nn.TransformerEncoderLayer``), so every projection is a GEMM the rewrite can mask.
+A parameter that earlier graphs already mask is masked the same way in this one (its
+:class:`~nmcompile.masking.MaskSpec` is handed to the pass).
 
 AOTAutograd's cache is bypassed for these compiles: a cache hit would skip the joint pass,
 and with it the dump and the record of which parameters are masked (``nmcompile.masks``).
@@ -31,7 +36,9 @@ from .config import NMConfig
 from .dump import GraphDump
 from .fallback import install as watch_eager_fallback
 from .kernels import autocast_dtypes, packing_dtype
+from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
 from .names import ParameterNames, compiled_module, name_of, source_path, source_text
+from .passes.fused_ops import decomposition_table
 from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
 from .schedule import Schedule
 from .state import MaskBank, masks_for_call, register_on_call
@@ -101,9 +108,11 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
 
     rewrite = RewriteMatmuls(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,
-                             bank.pack_failures if bank is not None else None)
+                             bank.pack_failures if bank is not None else None,
+                             _prior_specs(gm, example_inputs, params))
     compile_graph = _compile_inductor if config.inductor else _compile_fx_only
     compiled = compile_graph(gm, example_inputs, rewrite, dump)
+    _compare_with_earlier_graphs(gm, example_inputs, params, rewrite)
     if bank is not None:
         wrapped = bank.wrap(compiled)
         extra = bank.tensors
@@ -242,6 +251,42 @@ def _copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     if hasattr(gm, "_param_name_to_source"):
         copied._param_name_to_source = gm._param_name_to_source
     return copied
+
+
+def _prior_specs(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 params: Sequence[GraphInput]) -> dict[int, MaskSpec]:
+    """Position -> mask spec of every parameter that graphs compiled earlier already mask
+    (a training graph before its eval graph): this graph masks it the same way."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {}
+    for p in params:
+        value = _real_value(placeholders[p.position], example_inputs[p.position])
+        record = record_of(value) if value is not None else None
+        if record is not None:
+            found[p.position] = record.spec
+    return found
+
+
+def _compare_with_earlier_graphs(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                                 params: Sequence[GraphInput], rewrite: RewriteMatmuls) -> None:
+    """Warn once per parameter that this graph masks while a graph compiled earlier reads it
+    with its dense value (one that saw no GEMM it could mask, e.g. only a fused op or a slice
+    of it); note this graph's own dense reads for the graphs compiled later."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    names = {p.position: p.name for p in params}
+    for pos in set(rewrite.specs) | set(rewrite.dense_reads):
+        value = _real_value(placeholders[pos], example_inputs[pos])
+        if value is None:
+            continue
+        if pos in rewrite.dense_reads:
+            note_dense_read(value, rewrite.dense_reads[pos])
+            continue
+        earlier = take_dense_read(value)
+        if earlier is not None:
+            log.warning(
+                "nm: %s is masked from this graph on, but a graph compiled earlier reads it "
+                "with its dense value (%s); that graph keeps doing so until it is recompiled "
+                "(torch._dynamo.reset())", names[pos], earlier)
 
 
 def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],
@@ -396,7 +441,8 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: Rewrite
     inner = functools.partial(_dump_then_compile, dump=dump) if dump else compile_fx_inner
     patches = {**list_mode_options(rewrite.config.mode), "joint_custom_pre_pass": rewrite}
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches)
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=patches,
+                          decompositions=decomposition_table())
 
 
 def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
@@ -405,7 +451,6 @@ def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteM
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import default_partition
-    from torch._inductor.decomposition import select_decomp_table
 
     partitioned: list[bool] = []
 
@@ -426,5 +471,5 @@ def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteM
     # Dynamo's AOTAutograd wrapper, not aot_module_simplified itself: DDPOptimizer reads its
     # counter to know that a bucket's piece went through AOTAutograd (and keep its metadata)
     backend = aot_autograd(fw_compiler=compiler("forward.py"), bw_compiler=compiler("backward.py"),
-                           partition_fn=partition, decompositions=select_decomp_table())
+                           partition_fn=partition, decompositions=decomposition_table())
     return backend(gm, example_inputs)

@@ -2,7 +2,9 @@
 
 Layout of a dump folder (``options={"dump_dir": DIR}`` or ``NMCOMPILE_DUMP_DIR``)::
 
-    DIR/summary.json, DIR/summary.txt     every matmul of every graph this process compiled
+    DIR/summary.json, DIR/summary.txt     every matmul of every graph this process compiled,
+                                          and every other op that reads a weight the pass
+                                          masks (or could have masked)
     DIR/phases.txt                        the schedule's phases as each graph entered them
     DIR/graph_<k>/joint_before.py         joint forward+backward graph as AOTAutograd traced it
     DIR/graph_<k>/joint_after.py          ... after the N:M rewrite
@@ -32,7 +34,8 @@ _COLUMNS = ("graph", "node", "role", "param", "shapes", "became", "sparse", "ker
 
 
 def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
-    """The per-matmul table (one row per matmul record, as in ``summary.json``).
+    """The per-matmul table (one row per record, as in ``summary.json``: each matmul, and each
+    other op reading a weight that is masked, or 2-D and left dense, with role ``-``).
 
     ``sparse``: the GEMM computes with the N:M mask; ``kernel``: for those GEMMs, what runs
     them (``cuSPARSELt``, with the cost rule's measured speed-up under ``kernels="auto"``, or

@@ -24,6 +24,8 @@ __all__ = [
     "Pack",
     "compute_backward_mask",
     "compute_mask",
+    "note_dense_read",
+    "take_dense_read",
     "LazyStats",
     "mask_stats",
     "record_of",
@@ -192,3 +194,18 @@ def register(param: torch.Tensor, record: MaskRecord) -> None:
 def record_of(param: torch.Tensor) -> MaskRecord | None:
     """The record of ``param``, or ``None`` if no compiled graph masks it."""
     return _RECORDS.get(param)
+
+
+_DENSE_READS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def note_dense_read(param: torch.Tensor, how: str) -> None:
+    """Record that a compiled graph reads ``param`` with its dense value (``how`` says where),
+    so that a graph compiled later that masks it can warn: the earlier graph does not."""
+    if param not in _DENSE_READS:
+        _DENSE_READS[param] = how
+
+
+def take_dense_read(param: torch.Tensor) -> str | None:
+    """The dense read of ``param`` noted by an earlier graph, once (``None`` if none)."""
+    return _DENSE_READS.pop(param, None)

@@ -6,6 +6,7 @@ string the dump shows next to the matmul.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,9 @@ __all__ = [
     "ParamOperand",
     "as_matmul",
     "check_weight",
+    "describe_path",
     "find_param",
+    "is_view",
     "reaches_param",
 ]
 
@@ -106,24 +109,108 @@ def find_param(operand: fx.Node, side: int, params: dict[fx.Node, str]) -> Param
 
 _VIEWS = (
     aten.permute.default, aten.t.default, aten.transpose.int, aten.expand.default,
-    aten.unsqueeze.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-    aten.clone.default, aten.slice.Tensor, aten.select.int, prims.convert_element_type.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default, aten.view.default,
+    aten.reshape.default, aten._unsafe_view.default, aten.clone.default, aten.alias.default,
+    aten.slice.Tensor, aten.select.int, prims.convert_element_type.default,
     aten._to_copy.default,
 )
+#: ops whose outputs (read through ``getitem``) are pieces of their input
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+           aten.chunk.default)
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether ``node`` is a view, copy, cast or piece of its first argument (a tensor)."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        parent = node.args[0]
+        return isinstance(parent, fx.Node) and parent.target in _SPLITS
+    return node.target in _VIEWS or node.target in _SPLITS
 
 
 def reaches_param(operand: fx.Node, params: dict[fx.Node, str]) -> fx.Node | None:
     """The parameter ``operand`` is a view or copy of, through any view-like ops, if any.
 
     Used only to explain rejections: a parameter reached this way (expanded for a batched
-    matmul, sliced, reshaped) is not one :func:`find_param` accepts.
+    matmul, sliced, split, reshaped) is not one :func:`find_param` accepts.
     """
     node = operand
     while node not in params:
-        if node.op != "call_function" or node.target not in _VIEWS:
+        if not is_view(node):
             return None
         node = node.args[0]
     return node
+
+
+def _dims(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    return "x".join(map(str, val.shape)) if isinstance(val, torch.Tensor) else "?"
+
+
+def _axis(dim: int, rank: int) -> str:
+    if rank == 2:
+        return {0: "rows", 1: "columns"}[dim % 2]
+    return f"dim {dim}"
+
+
+def _describe(node: fx.Node) -> str | None:
+    """How view-like ``node`` reads its input, in words (``None``: a transpose or cast)."""
+    if _is_transpose(node) or _is_cast(node) or node.target in (aten.clone.default,
+                                                                aten.alias.default):
+        return None
+    source = node.args[0]
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    rank = val.dim() if isinstance(val, torch.Tensor) else 2
+    if node.target == aten.slice.Tensor:
+        dim = node.args[1] if len(node.args) > 1 else 0
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        size = val.shape[dim] if isinstance(val, torch.Tensor) else None
+        if end is None or (size is not None and isinstance(end, int) and end > size):
+            end = size
+        return f"a slice ({_axis(dim, rank)} {start}:{end}{f':{step}' if step != 1 else ''})"
+    if node.target is operator.getitem:  # a piece of a split of ``source``'s input
+        split, index = node.args
+        whole = split.args[0].meta.get("val")
+        rank = whole.dim() if isinstance(whole, torch.Tensor) else 2
+        if split.target == aten.unbind.int:
+            dim = split.args[1] if len(split.args) > 1 else split.kwargs.get("dim", 0)
+            return f"an unbind (index {index} of {_axis(dim, rank)})"
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        pieces = split.meta.get("val")
+        if isinstance(pieces, (list, tuple)):
+            start = sum(int(p.shape[dim]) for p in pieces[:index])
+            end = start + int(pieces[index].shape[dim])
+            return f"a split ({_axis(dim, rank)} {start}:{end})"
+        return f"a split (piece {index})"
+    if node.target == aten.select.int:
+        return f"a select (index {node.args[2]} of {_axis(node.args[1], rank)})"
+    if node.target == aten.expand.default:
+        return f"an expand (to {_dims(node)})"
+    if node.target in (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.default):
+        name = node.target._opname
+        return f"{'an' if name == 'unsqueeze' else 'a'} {name} (to {_dims(node)})"
+    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return f"a reshape (to {_dims(node)})"
+    return None  # the split node itself: its getitem says which piece
+
+
+def describe_path(operand: fx.Node, params: dict[fx.Node, str]) -> tuple[fx.Node, str] | None:
+    """The parameter ``operand`` is read from (:func:`reaches_param`) and how, in words:
+    ``(w, "a slice (rows 0:64)")``, ``(w, "an unsqueeze (to 1x10x12), an expand (to
+    2x10x12)")``. Transposes and casts are not named; ``None`` if no parameter is reached."""
+    steps = []
+    node = operand
+    while node not in params:
+        if not is_view(node):
+            return None
+        text = _describe(node)
+        if text is not None:
+            steps.append(text)
+        node = node.args[0]
+    return node, ", ".join(reversed(steps)) or "a view"
 
 
 def check_weight(val: torch.Tensor, n: int, m: int, policy: str, reduction_dim: int,

@@ -18,11 +18,24 @@ For each matmul with a 2-D parameter operand ``W`` (``nn.Linear``, ``F.linear``,
   :mod:`nmcompile.passes.add_masked_decay`).
 
 Forward and backward GEMMs of one layer are paired by ``meta["seq_nr"]`` (the autograd node
-both come from). Invariant after the pass: every forward matmul that reads a masked weight has
-its grad-input GEMM read the same mask, so the gradients are exactly those of the masked
-forward (up to the straight-through grad-weight); nothing else in the graph changes, and every
-new node carries a fake ``meta["val"]``. Each decision, sparse or not, is kept as a
-:class:`MatmulRecord` with its reason and counted in ``torch._dynamo.utils.counters``.
+both come from). Invariants after the pass:
+
+* one mask per parameter: a masked parameter is read through its one mask everywhere in the
+  graph. Every read the pass cannot make a sparse GEMM (a GEMM in the other orientation than
+  a row-wise mask, a slice or expand of the weight, an ``addmm`` with ``alpha``/``beta``, any
+  other op) reads the masked weight ``where(mask, W, 0)`` instead, with a row in the records
+  saying so; so forward and gradients are exactly those of the model whose weight is
+  ``W * mask`` (up to the straight-through grad-weight). A parameter no GEMM can mask stays
+  dense in every use, each dense GEMM's record naming it and the reason;
+* one mask per parameter across graphs: a parameter an earlier graph masked (``prior``) is
+  masked with the same mask spec (the orientation its first graph chose), even in a graph
+  whose only reads of it are not GEMMs;
+* every forward matmul that reads a masked weight has its grad-input GEMM read the same mask;
+  nothing else in the graph changes; every new node carries a fake ``meta["val"]`` and the
+  provenance (including activation-checkpointing tags) of the node it stands in for.
+
+Each decision, sparse or not, is kept as a :class:`MatmulRecord` with its reason and counted
+in ``torch._dynamo.utils.counters``.
 
 Dynamic shapes: a graph with symbolic sizes (``torch.compile(dynamic=True)``,
 ``mark_dynamic``, or Dynamo's automatic dynamic after a recompile) stays symbolic. The pass
@@ -36,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,15 +67,16 @@ from ..masking import BankSlots, MaskSpec, compute_mask
 from ..solvers.fst import fst_prune, gradient_shift
 from ..solvers.mvue import mvue
 from ..solvers.patterns import transposable_masks_scored
-from ._graph import GraphEditor, primals
+from ._graph import GraphEditor, primals, take_place
 from .add_masked_decay import add_masked_decay
 from .eligibility import (
     Matmul,
     ParamOperand,
     as_matmul,
     check_weight,
+    describe_path,
     find_param,
-    reaches_param,
+    is_view,
 )
 
 __all__ = ["MatmulRecord", "RewriteMatmuls"]
@@ -114,27 +128,37 @@ class RewriteMatmuls(CustomGraphPass):
     (:class:`nmcompile.state.MaskBank`); ``pack_failures`` says why a parameter that was meant
     to have compressed weights has none. ``packed_used`` maps the position of every parameter
     whose compressed weights the graph reads to which of them (``False``: ``compress(W*M)``,
-    ``True``: ``compress((W*M)^T)``).
+    ``True``: ``compress((W*M)^T)``). ``prior`` maps the position of a parameter that earlier
+    graphs already mask to their :class:`MaskSpec`: if it is this config's, this graph masks
+    the parameter the same way (the same orientation), in every read of it.
+    ``dense_reads`` maps the position of every 2-D weight the graph reads but leaves dense
+    (not excluded by the layer filter) to how it reads it, first read only.
     """
 
     def __init__(self, config: NMConfig, params: Mapping[int, GraphInput], graph_id: int,
                  on_rewrite: Callable[[str, str, RewriteMatmuls], None] | None = None,
                  mask_inputs: Mapping[int, BankSlots] | None = None,
-                 pack_failures: Mapping[int, str] | None = None) -> None:
+                 pack_failures: Mapping[int, str] | None = None,
+                 prior: Mapping[int, MaskSpec] | None = None) -> None:
         self.config = config
         self.params = dict(params)
         self.mask_inputs = dict(mask_inputs or {})
         self.pack_failures = dict(pack_failures or {})
+        cfg = config
+        self.prior = {pos: spec for pos, spec in (prior or {}).items()
+                      if (spec.n, spec.m, spec.policy, spec.method)
+                      == (cfg.n, cfg.m, cfg.forward, cfg.transposable_method)}
         self.graph_id = graph_id
         self.on_rewrite = on_rewrite
         self.records: list[MatmulRecord] = []
         self.symbols: dict[str, str] = {}
         self.specs: dict[int, MaskSpec] = {}
         self.packed_used: dict[int, set[bool]] = {}
+        self.dense_reads: dict[int, str] = {}
 
     def uuid(self) -> str:
         key = repr((self.config, sorted((p.position, p.name) for p in self.params.values()),
-                    sorted(self.mask_inputs.items())))
+                    sorted(self.mask_inputs.items()), sorted(self.prior.items())))
         return get_hash_for_files(_SOURCES, key).hex()
 
     def __call__(self, graph: fx.Graph) -> None:
@@ -152,7 +176,8 @@ class RewriteMatmuls(CustomGraphPass):
                     for pos, s in self.mask_inputs.items() if pos in nodes}
         excluded = {node: self.params[pos].excluded for pos, node in nodes.items()
                     if self.params[pos].excluded}
-        rewriter = _Rewriter(graph, self.config, self.graph_id, names, external, excluded)
+        prior = {nodes[pos]: spec for pos, spec in self.prior.items() if pos in nodes}
+        rewriter = _Rewriter(graph, self.config, self.graph_id, names, external, excluded, prior)
         if self.params and not nodes:
             rewriter.unmatched = "the graph's inputs did not match the parameters Dynamo passed"
         rewriter.run()
@@ -163,6 +188,8 @@ class RewriteMatmuls(CustomGraphPass):
                       if node in rewriter.masks}
         self.packed_used = {pos: rewriter.packed_used[node] for pos, node in nodes.items()
                             if node in rewriter.packed_used}
+        self.dense_reads = {pos: rewriter.dense_reads[node] for pos, node in nodes.items()
+                            if node in rewriter.dense_reads}
         for rec in self.records:
             kind = "sparse" if rec.sparse else "dense"
             counters["nmcompile"][f"{rec.role or 'other'}_{kind}"] += 1
@@ -190,13 +217,20 @@ class _Rewriter:
     def __init__(self, graph: fx.Graph, config: NMConfig, graph_id: int,
                  names: dict[fx.Node, str],
                  external: dict[fx.Node, _External],
-                 excluded: dict[fx.Node, str]) -> None:
+                 excluded: dict[fx.Node, str],
+                 prior: dict[fx.Node, MaskSpec] | None = None) -> None:
         self.graph, self.config, self.graph_id = graph, config, graph_id
         self.names = names
         self.external = external
         self.excluded = excluded
+        self.prior = {p: spec for p, spec in (prior or {}).items() if p not in excluded}
         self.edit = GraphEditor(graph)
         self.records: list[MatmulRecord] = []
+        self._row: dict[fx.Node, int] = {}  # matmul node -> its record's index
+        self._masked_reads: set[fx.Node] = set()  # ops made to read a masked weight
+        #: unmasked weights this graph reads anyway, and how (the first such read)
+        self.dense_reads: dict[fx.Node, str] = {}
+        self._backward: set[fx.Node] = set()
         self.masks: dict[fx.Node, tuple[MaskSpec, fx.Node]] = {}
         self.forward: dict[int, _Forward] = {}
         self.packed_used: dict[fx.Node, set[bool]] = {}
@@ -204,14 +238,17 @@ class _Rewriter:
         self.symbols: dict[str, str] = {}  # symbolic size in the records -> its source
 
     def run(self) -> None:
-        backward = _backward_nodes(self.graph)
+        self._backward = backward = _backward_nodes(self.graph)
         nodes = list(self.graph.nodes)  # the user's graph: not the matmuls of inserted solvers
         self._batch_in_graph_masks(backward)
         for node in nodes:
             mm = as_matmul(node)
             if mm is not None:
                 visit = self._visit_backward if node in backward else self._visit_forward
+                self._row[node] = len(self.records)
                 self.records.append(visit(mm))
+        self._mask_every_read()
+        self._record_dense_reads()
         if self.config.decay and backward:
             masks = {param: node for param, (_, node) in self.masks.items()}
             add_masked_decay(self.edit, masks, self.config.decay)
@@ -235,8 +272,7 @@ class _Rewriter:
                 continue
             p = found[0]
             if p.param not in params and self._forward_reason(mm, p) is None:
-                params[p.param] = MaskSpec(cfg.n, cfg.m, "transposable", p.reduction_dim,
-                                           "patterns")
+                params[p.param] = self._spec(p)
         if not params:
             return
         first_op = next(n for n in self.graph.nodes if n.op != "placeholder")
@@ -293,13 +329,14 @@ class _Rewriter:
                             "grad_input='dense': exact masked gradient on a dense GEMM", became)
 
     def _no_param_reason(self, mm: Matmul) -> str:
-        reached = [reaches_param(x, self.names) for x in (mm.a, mm.b)]
-        names = [self.names[r] for r in reached if r is not None]
-        if not names:
+        paths = [describe_path(x, self.names) for x in (mm.a, mm.b)]
+        paths = [path for path in paths if path is not None]
+        if not paths:
             return self.unmatched or "both operands are activations"
         kind = "batched matmul (bmm)" if mm.batched else "matmul"
-        return (f"{kind} reads parameter {names[0]} through a reshape/expand/slice; only a "
-                "2-D weight, transposed or cast, is rewritten")
+        param, how = paths[0]
+        return (f"{kind} reads parameter {self.names[param]} through {how}; only a 2-D weight, "
+                "transposed or cast, is rewritten")
 
     def _grad_weight(self, mm: Matmul, fwd: _Forward) -> MatmulRecord:
         if fwd.mask is None:
@@ -328,8 +365,8 @@ class _Rewriter:
         cfg = self.config
         reason = check_weight(p.param.meta["val"], cfg.n, cfg.m, cfg.forward, p.reduction_dim,
                               cfg.min_numel)
-        if reason is None and p.param in self.masks:
-            spec = self.masks[p.param][0]
+        spec = self.masks[p.param][0] if p.param in self.masks else self.prior.get(p.param)
+        if reason is None and spec is not None:
             if spec.policy == "rowwise" and spec.reduction_dim != p.reduction_dim:
                 reason = (f"row-wise mask of this parameter is N:M along dim "
                           f"{spec.reduction_dim}, this matmul reduces dim {p.reduction_dim}")
@@ -340,17 +377,138 @@ class _Rewriter:
         return [p for p in found if p is not None]
 
     # -- edits -------------------------------------------------------------------------------
+    def _spec(self, p: ParamOperand) -> MaskSpec:
+        """The mask spec of ``p``'s parameter: an earlier graph's, else set by this use."""
+        if p.param in self.prior:
+            return self.prior[p.param]
+        cfg = self.config
+        return MaskSpec(cfg.n, cfg.m, cfg.forward, p.reduction_dim, cfg.transposable_method)
+
     def _mask(self, mm: Matmul, p: ParamOperand) -> fx.Node:
         if p.param not in self.masks:
-            cfg = self.config
-            spec = MaskSpec(cfg.n, cfg.m, cfg.forward, p.reduction_dim, cfg.transposable_method)
-            if p.param in self.external:  # solved outside the graph, passed in as an input
-                node = self.external[p.param].mask
-            else:
-                with self.graph.inserting_before(mm.node):
-                    node = self.edit.inline(lambda w: compute_mask(w, spec), [p.param], "mask")
-            self.masks[p.param] = (spec, node)
+            self._new_mask(p.param, self._spec(p))
         return self.masks[p.param][1]
+
+    def _new_mask(self, param: fx.Node, spec: MaskSpec) -> None:
+        """The mask of ``param``: a graph input, or computed from the weight before the graph's
+        first op (so every read of the weight, wherever it is, comes after it)."""
+        if param in self.external:  # solved outside the graph, passed in as an input
+            node = self.external[param].mask
+        else:
+            first_op = next(n for n in self.graph.nodes if n.op != "placeholder")
+            with self.graph.inserting_before(first_op):
+                node = self.edit.inline(lambda w: compute_mask(w, spec), [param], "mask")
+        self.masks[param] = (spec, node)
+
+    # -- one mask in every read ----------------------------------------------------------------
+    def _mask_every_read(self) -> None:
+        """Make every read of a masked parameter that is not one of the pass's sparse ops read
+        the masked weight, and record it: one mask in every use of the parameter.
+
+        Reads are followed from the parameter through views, casts and splits (which are copied
+        onto the masked weight); every other op reading such a chain (a dense GEMM, a fused or
+        elementwise op) gets the copy. Reads that only take sizes, and in-place copies into
+        the parameter, are left alone. A parameter an earlier graph masked (``prior``) that no
+        GEMM of this graph masked gets its mask here.
+        """
+        for param, spec in self.prior.items():
+            if param not in self.masks and self._reads(param):
+                self._new_mask(param, spec)
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        for param, (_, mask) in list(self.masks.items()):
+            copies: dict[tuple[fx.Node, bool], fx.Node] = {}
+            for user, operand in sorted(self._reads(param), key=lambda r: order[r[0]]):
+                how = describe_path(operand, {param: self.names[param]})
+                through = "" if how is None or how[1] == "a view" else f" through {how[1]}"
+                with self.graph.inserting_before(user):
+                    masked = self._masked_copy(operand, param, mask, user, copies)
+                user.replace_input_with(operand, masked)
+                self._record_masked_read(user, param, operand, through)
+
+    def _record_dense_reads(self) -> None:
+        """Rows for the reads of a weight no GEMM of this graph masks by ops that are no GEMM
+        (GEMMs have their rows): a fused op the pass cannot see into, an elementwise op. Also
+        ``dense_reads``: how this graph reads each such weight densely (GEMMs included), so a
+        later graph that masks it can say that this one does not."""
+        cfg = self.config
+        for param, name in self.names.items():
+            val = param.meta.get("val")
+            if (param in self.masks or param in self.excluded or not isinstance(val, torch.Tensor)
+                    or val.dim() != 2 or not val.is_floating_point()
+                    or val.numel() < cfg.min_numel):
+                continue
+            for user, operand in self._reads(param):
+                how = describe_path(operand, {param: name})
+                through = "" if how is None or how[1] == "a view" else f" through {how[1]}"
+                if user in self._row:
+                    reason = self.records[self._row[user]].reason
+                elif user.target == aten.embedding.default:
+                    continue  # a table lookup, not a layer: no row
+                else:
+                    reason = (f"{_op_name(user)} reads parameter {name}{through} outside a GEMM "
+                              "the pass rewrites, and no GEMM masks it: it stays dense")
+                    shape = tuple(int(s) for s in operand.meta["val"].shape) if isinstance(
+                        operand.meta.get("val"), torch.Tensor) else ()
+                    self._row[user] = len(self.records)
+                    self.records.append(MatmulRecord(self.graph_id, user.name, None, name,
+                                                     (shape,), _op_name(user), False, reason))
+                self.dense_reads.setdefault(param, f"{_op_name(user)}: {reason}")
+
+    def _reads(self, param: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+        """``(user, operand)`` for every original op reading ``param`` or a view-like chain of
+        it, other than the chain itself, the pass's own nodes and the graph output."""
+        reads, todo, seen = [], [param], {param}
+        while todo:
+            node = todo.pop()
+            for user in node.users:
+                if user in self.edit.created or user.op == "output":
+                    continue
+                if is_view(user) and user.args[0] is node:
+                    if user not in seen:
+                        seen.add(user)
+                        todo.append(user)
+                    continue
+                val = user.meta.get("val")
+                if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
+                    continue  # reads sizes only
+                if user.target in (aten.copy_.default,) and user.args[0] is node:
+                    continue  # writes into the parameter
+                reads.append((user, node))
+        return reads
+
+    def _masked_copy(self, operand: fx.Node, param: fx.Node, mask: fx.Node, like: fx.Node,
+                     copies: dict[tuple[fx.Node, bool], fx.Node]) -> fx.Node:
+        """``operand`` (``param`` or a view-like chain of it) computed from ``where(mask,
+        param, 0)``; one copy per chain node and per graph half (forward, backward)."""
+        key = (operand, like in self._backward)
+        if key not in copies:
+            if operand is param:
+                copies[key] = self.edit.call(aten.where.ScalarOther, [mask, param, 0.0],
+                                             like=like)
+            else:
+                source = self._masked_copy(operand.args[0], param, mask, like, copies)
+                copies[key] = self.edit.copy(operand, source, like=like)
+        return copies[key]
+
+    def _record_masked_read(self, user: fx.Node, param: fx.Node, operand: fx.Node,
+                            through: str) -> None:
+        if user in self._masked_reads:
+            return  # it reads the parameter twice (e.g. W and W^T): one row says so
+        self._masked_reads.add(user)
+        became = f"{_op_name(user)} (masked weight)"
+        if user in self._row:  # a GEMM the pass left dense: it now reads the masked weight
+            row = self.records[self._row[user]]
+            reason = f"{row.reason}; dense GEMM on the masked weight"
+            self.records[self._row[user]] = replace(row, param=self.names[param], became=became,
+                                                    reason=reason, kernel=None)
+            return
+        val = operand.meta.get("val")
+        shape = tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else ()
+        reason = (f"{_op_name(user)} reads parameter {self.names[param]}{through} outside a GEMM "
+                  "the pass rewrites: it computes densely with the masked weight")
+        self._row[user] = len(self.records)
+        self.records.append(MatmulRecord(self.graph_id, user.name, None, self.names[param],
+                                         (shape,), became, False, reason))
 
     def _t(self, node: fx.Node, like: fx.Node) -> fx.Node:
         return self.edit.call(aten.permute.default, [node, [1, 0]], like=like)
@@ -375,8 +533,10 @@ class _Rewriter:
             out_f, in_f = weight_shape
             m, k = (out_f, in_f) if role == "forward" else (in_f, out_f)
             n = math.prod(val.shape[:-1])
-            spec = self.masks[p.param][0]  # its reduction_dim is the FORWARD GEMM's
-            transposed = (spec.reduction_dim == 0) == (role == "forward")
+            spec = self.masks[p.param][0]
+            # compress(P*M) or compress((P*M)^T): the GEMM's sparse operand as this GEMM (not
+            # the mask's first use) lays the parameter P out
+            transposed = (_forward_reduction(p, role) == 0) == (role == "forward")
             ext = self.external.get(p.param)
             if not implies_2_4(spec.n, spec.m):
                 blocker = f"{spec.n}:{spec.m} mask is not 2:4"
@@ -398,9 +558,11 @@ class _Rewriter:
             self.packed_used.setdefault(p.param, set()).add(transposed)
         return choice, packed
 
-    def _oriented(self, p: ParamOperand, mask: fx.Node, like: fx.Node) -> tuple[fx.Node, fx.Node]:
-        """The parameter and its mask laid out ``[out, in]`` (views, no cast)."""
-        if self.masks[p.param][0].reduction_dim == 1:
+    def _oriented(self, p: ParamOperand, mask: fx.Node, like: fx.Node,
+                  role: str) -> tuple[fx.Node, fx.Node]:
+        """The parameter and its mask laid out ``[out, in]`` as the forward GEMM of this
+        ``role``'s matmul reads it (views, no cast)."""
+        if _forward_reduction(p, role) == 1:
             return p.param, mask
         return self._t(p.param, like), self._t(mask, like)
 
@@ -417,7 +579,7 @@ class _Rewriter:
             bias = mm.bias if p.side == 1 and _fusable_bias(mm) else None
             choice, packed = self._kernel("forward", p, x, tuple(weight.meta["val"].shape))
             if packed is not None:  # the kernel reads the compressed copy, not the cast weight
-                weight, wmask = self._oriented(p, mask, like)
+                weight, wmask = self._oriented(p, mask, like, "forward")
             out = self.edit.call(_LINEAR_FORWARD, [x, weight, wmask, bias, packed, choice.alg_id],
                                  like=like)
             if p.side == 0:
@@ -447,7 +609,7 @@ class _Rewriter:
             else:
                 choice, packed = self._kernel("grad_input", p, g, shape)
             if packed is not None:
-                weight, wmask = self._oriented(p, mask, like)
+                weight, wmask = self._oriented(p, mask, like, "grad_input")
             out = self.edit.call(_LINEAR_GRAD_INPUT, [g, weight, wmask, packed, choice.alg_id],
                                  like=like)
             if p.side == 0:
@@ -511,8 +673,7 @@ class _Rewriter:
         return f"{_op_name(mm.node)} (masked weight)"
 
     def _swap(self, old: fx.Node, new: fx.Node) -> None:
-        old.replace_all_uses_with(new)
-        self.graph.erase_node(old)
+        take_place(old, new)
 
     def _record(self, mm: Matmul, role: str | None, p: ParamOperand | None, reason: str | None,
                 became: str | tuple[str, str] | None = None) -> MatmulRecord:
@@ -576,7 +737,10 @@ def _pad_tokens(x: torch.Tensor, group: int, dim: int) -> torch.Tensor:
 
 
 def _op_name(node: fx.Node) -> str:
-    return f"aten.{node.target._opname}" if hasattr(node.target, "_opname") else str(node.target)
+    target = node.target
+    if hasattr(target, "_opname"):
+        return f"{getattr(target, 'namespace', 'aten')}.{target._opname}"
+    return str(target)
 
 
 def _fusable_bias(mm: Matmul) -> bool:
@@ -604,6 +768,12 @@ class _Forward:
     param: ParamOperand
     mask: fx.Node | None  # None: the forward stayed dense
     activation: fx.Node  # the non-parameter operand X
+
+
+def _forward_reduction(p: ParamOperand, role: str) -> int:
+    """The parameter dim the forward GEMM of ``p``'s matmul reduces: the matmul's own for a
+    forward GEMM, the other one for a grad-input GEMM (which reduces the out-features)."""
+    return p.reduction_dim if role == "forward" else 1 - p.reduction_dim
 
 
 def _strip_transposes(node: fx.Node) -> fx.Node:
