@@ -33,7 +33,9 @@ DECAYS = (1e-4, 3e-4, 1e-3)
 TAILS = (0.15, 0.3)
 INTERVALS = (1, 10)
 MVUE = (True, False)
-SIZES = (64, 128, 256)
+SIZES = (64, 96, 128)
+#: The best cell of the grid (BENCHMARKS.md): the demo's default recipe and the size sweep's.
+BEST = {"decay": 1e-4, "tail": 0.3, "interval": 1, "mvue": True}
 
 
 def _key(cell: dict) -> str:
@@ -63,6 +65,7 @@ def run_cell(cell: dict, corpus) -> dict:
             "final_train_loss": rec["final_train_loss"], "switch_jump": jump,
             "early_flip_rate": sum(early) / len(early) if early else None,
             "mean_flip_rate": rec["mean_flip_rate"], "val_curve": rec["val_curve"],
+            "flip_curve": rec["flip_curve"],
             "wall_s": round(time.perf_counter() - start, 1)}
 
 
@@ -81,8 +84,7 @@ def cells(part: str, steps: int) -> list[dict]:
     if part in ("size", "all"):
         for d in SIZES:
             out.append({"recipe": "dense", "d_model": d, "steps": steps})
-            out.append({"recipe": "sparse", "d_model": d, "steps": steps, "decay": 3e-4,
-                        "tail": 0.15, "interval": 1, "mvue": True})
+            out.append({"recipe": "sparse", "d_model": d, "steps": steps, **BEST})
     unique = {_key(c): c for c in out}
     return list(unique.values())
 

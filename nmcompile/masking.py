@@ -127,6 +127,7 @@ class MaskRecord:
     epoch: int = 0
     packs: dict[tuple[torch.dtype, bool], Pack] = field(default_factory=dict)
     sample: torch.Tensor | None = None  # a sample of the weight at the last checked call
+    high_flips: int = 0  # consecutive stats() readings with a flip rate above the warning
 
 
 def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:

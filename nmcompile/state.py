@@ -409,25 +409,51 @@ def masks_for_call(specs: Mapping[int, MaskSpec], bank: MaskBank | None,
     return out
 
 
+#: The flip rate above which masks are said not to settle: a weight whose flip rate stays above
+#: it for :data:`FLIP_WARN_READINGS` consecutive ``stats()`` readings triggers one warning.
+#: Measured with ``benchmarks/quality.py`` (BENCHMARKS.md): read every 10 steps, every recipe
+#: flipped 8-11% of its masks in the first 10% of a 2000-step run and 4-6% on average.
+FLIP_WARN = 0.15
+FLIP_WARN_READINGS = 3
+_flip_warned = False
+
+
+def _watch_flips(name: str, record: MaskRecord, found: MaskStats) -> None:
+    global _flip_warned
+    high = found.flip_rate is not None and found.flip_rate > FLIP_WARN
+    record.high_flips = record.high_flips + 1 if high else 0
+    if record.high_flips >= FLIP_WARN_READINGS and not _flip_warned:
+        _flip_warned = True
+        warnings.warn(
+            f"nmcompile: the mask of {name} flipped more than {FLIP_WARN:.0%} of its entries at "
+            f"{FLIP_WARN_READINGS} stats() readings in a row (last {found.flip_rate:.1%}): the "
+            "masks are not settling. Raise the masked decay (options decay: 1e-4 -> 1e-3 cut "
+            "the early flip rate by ~15% in our runs) or lower the learning rate.",
+            RuntimeWarning, stacklevel=3)
+
+
 def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     """:class:`MaskStats` (flip rate, density, kept-magnitude fraction, schedule phase) of every
     masked weight (and of every weight a scheduled graph will mask, before ``sparse_start``).
 
     Masks solved outside the graph report their latest refresh. Masks the graph recomputes
     at every step report the current mask, with the flip rate measured against the mask seen
-    at the previous ``stats()`` call.
+    at the previous ``stats()`` call. A flip rate that stays above :data:`FLIP_WARN` is warned
+    about once (``RuntimeWarning``).
     """
     out = {}
     for name, param, record in _named_records(model):
         phase = phase_of(param) or "sparse"
         if record.forward is not None and record.stats is not None:
             out[name] = dataclasses.replace(record.stats.read(), phase=phase)
+            _watch_flips(name, record, out[name])
             continue
         mask = _current(param, record)
         record.refreshes += 1
         out[name] = dataclasses.replace(
             mask_stats(param, mask, record.previous, record.refreshes), phase=phase)
         record.previous = mask
+        _watch_flips(name, record, out[name])
     root = getattr(model, "_orig_mod", model)
     for name, param in root.named_parameters():
         phase = phase_of(param)

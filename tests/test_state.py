@@ -171,3 +171,42 @@ def test_dense_tail_by_recompiling_with_a_dense_backend():
     assert not torch.allclose(out.double(), masked, atol=1e-4)
     out.square().sum().backward()
     assert model.fc1.weight.grad is not None
+
+
+def test_flip_rate_that_stays_high_is_warned_once(monkeypatch):
+    from nmcompile import state
+
+    monkeypatch.setattr(state, "_flip_warned", False)
+    torch.manual_seed(0)
+    model = Mlp()
+    compiled = _compile(model)
+    x = torch.randn(8, 16)
+    compiled(x)
+    nmcompile.stats(model)  # first reading: no flip rate yet
+    caught = []
+    for _ in range(5):
+        with torch.no_grad():  # a new random weight: about half of the mask flips
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p))
+        with _record() as found:
+            nmcompile.stats(model)
+        caught += [w for w in found if "not settling" in str(w.message)]
+    assert len(caught) == 1 and "decay" in str(caught[0].message)
+    # calm masks: readings below the threshold never warn
+    monkeypatch.setattr(state, "_flip_warned", False)
+    with _record() as found:
+        for _ in range(5):
+            nmcompile.stats(model)
+    assert not [w for w in found if "not settling" in str(w.message)]
+
+
+def _record():
+    import warnings
+
+    class _Rec(warnings.catch_warnings):
+        def __enter__(self):
+            found = super().__enter__()
+            warnings.simplefilter("always")
+            return found
+
+    return _Rec(record=True)

@@ -64,7 +64,7 @@ class DemoConfig:
     val_batches: int = 8
     evals: int = 10
     flip_every: int = 10
-    tail_fraction: float = 0.15
+    tail_fraction: float = 0.3
     sparse_backend: str = "nm"
     sparse_options: dict[str, Any] = field(default_factory=lambda: dict(SPARSE_OPTIONS))
     progress: bool = True
