@@ -412,9 +412,10 @@ def transposable_mask_patterns(
 ) -> torch.Tensor:
     """Max-magnitude transposable N:M mask of ``w``; tile (i, j) = ``w[i*m:(i+1)*m, j*m:(j+1)*m]``.
 
-    Exact: the result keeps the largest total ``|w|`` over all admissible patterns of each
-    tile (ties between equal totals may go either way; totals are summed in ``w``'s dtype,
-    at least float32). NaN entries count as zero magnitude. Weights with more than two dims
+    Exact up to the scorer's resolution (as :func:`transposable_mask_scored`: totals of the
+    tile's magnitudes as exact integers, within ``n * m * 2**-(B - 1)`` of the tile's largest
+    ``|w|``, :func:`score_bits`), so an admissible tile keeps all its non-zeros however small.
+    NaN entries count as zero magnitude. Weights with more than two dims
     are flattened as in :func:`nmcompile.solvers._shapes.as_matrix`; the mask has ``w``'s
     shape. Float32/16 and bfloat16 CPU weights go to the C kernel when it is available
     (:func:`nmcompile.solvers.native.status`); others to the pure-torch path. Traceable: it
@@ -433,10 +434,17 @@ def _pattern_mask(w2d: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Ten
     if w2d.dim() != 2:
         raise ValueError(f"nm::transposable_mask_patterns takes a 2-D weight, got {w2d.dim()}-D")
     _checked(w2d, n, m, exact_n)
+    if (n, m) != (2, 4) and not (w2d.device.type == "cpu" and native.kernel() is not None):
+        return transposable_mask_scored(w2d, n, m, exact_n)
+    # The scorer's exact integer magnitudes, in the weight's layout: the same optimum as
+    # transposable_mask_scored, ties are true ties, and a tiny non-zero is never rounded away.
+    rows, cols = w2d.shape
+    scores = _tile_scores(w2d, n, m).reshape(rows // m, cols // m, m, m)
+    scores = scores.permute(0, 2, 1, 3).reshape(rows, cols)
     if w2d.device.type == "cpu" and w2d.dtype in _NATIVE_DTYPES and native.kernel() is not None:
-        return native.run(w2d.to(torch.float32).contiguous(), band_plan(n, m, exact_n))
+        return native.run(scores.to(torch.float32).contiguous(), band_plan(n, m, exact_n))
     if (n, m) == (2, 4):
-        return _mask_24(w2d, torch.promote_types(w2d.dtype, torch.float32), exact_n)
+        return _mask_24(scores, scores.dtype, exact_n)
     return transposable_mask_scored(w2d, n, m, exact_n)
 
 

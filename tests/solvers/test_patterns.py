@@ -110,3 +110,24 @@ def test_scored_matmul_form_keeps_the_same_optimum(n, exact_n):
     assert tiles.sum(1).max() <= n and tiles.sum(3).max() <= n
     kept = [(w.abs() * m).reshape(16, 4, 24, 4).sum((1, 3)) for m in (fast, scored)]
     torch.testing.assert_close(kept[0], kept[1])
+
+
+@pytest.mark.parametrize("exact_n", [False, True])
+@pytest.mark.parametrize("dtype, low", [(torch.float32, 1e-9), (torch.bfloat16, 1e-9),
+                                        (torch.float16, 1e-7), (torch.float64, 1e-9),
+                                        (torch.float32, 1e-45)])
+def test_admissible_tiles_keep_every_non_zero_in_both_implementations(impl, dtype, low, exact_n):
+    """The out-of-graph pattern search (C kernel and torch path) scores with the in-graph
+    scorer's exact integers: it never rounds a tiny non-zero away, and agrees with the scorer
+    tile for tile."""
+    from nmcompile.solvers import transposable_mask_scored
+    from tests.solvers.test_scored import admissible_tiles
+
+    w = admissible_tiles(dtype, exact_n, low)
+    mask = transposable_mask_patterns(w, 2, 4, exact_n=exact_n)
+    assert torch.equal(mask & (w != 0), w != 0)
+    gen = torch.Generator().manual_seed(3)
+    r = (torch.randn(64, 64, generator=gen) * torch.rand(64, 1, generator=gen) ** 8).to(dtype)
+    kept = (r.abs().double() * transposable_mask_patterns(r, 2, 4, exact_n=exact_n)).sum()
+    want = (r.abs().double() * transposable_mask_scored(r, 2, 4, exact_n=exact_n)).sum()
+    torch.testing.assert_close(kept, want, rtol=1e-6, atol=0)
