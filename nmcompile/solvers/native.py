@@ -110,7 +110,8 @@ def kernel() -> ctypes.CDLL | None:
         return None
     fn = lib.nm_tile_patterns
     i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, i64, i32, i32, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr]
+    fn.argtypes = [ptr, i64, i64, i64, i64, i32, i32, i32, ptr, ptr, ptr, i32, ptr, ptr, i32,
+                   ptr]
     fn.restype = ctypes.c_int
     return lib
 
@@ -121,8 +122,11 @@ def status() -> str:
     return f"C kernel ({lib._name})" if lib is not None else f"pure torch ({_reason})"
 
 
-def run(w2d: torch.Tensor, plan: BandPlan) -> torch.Tensor:
-    """Boolean mask of a contiguous float32 CPU matrix by the C kernel (``kernel()`` not None)."""
+def run(w2d: torch.Tensor, plan: BandPlan, score_bits: int = 0) -> torch.Tensor:
+    """Boolean mask of a contiguous float32 CPU matrix by the C kernel (``kernel()`` not None).
+
+    ``score_bits``: score each tile with exact integer magnitudes of that many bits (as
+    :func:`nmcompile.solvers.patterns.score_bits` gives; 0: the plain magnitudes)."""
     lib = kernel()
     assert lib is not None and w2d.dtype == torch.float32 and w2d.is_contiguous()
     rows, cols = w2d.shape
@@ -137,7 +141,8 @@ def run(w2d: torch.Tensor, plan: BandPlan) -> torch.Tensor:
         return lib.nm_tile_patterns(
             w2d.data_ptr(), rows, cols, begin, end, m, plan.groups[0], plan.groups[1],
             *(a.ctypes.data for a in arrays), len(plan.pair_top),
-            plan.pair_top.ctypes.data, plan.pair_bottom.ctypes.data, mask.data_ptr())
+            plan.pair_top.ctypes.data, plan.pair_bottom.ctypes.data, score_bits,
+            mask.data_ptr())
 
     if workers == 1:
         codes = [solve(0, tile_rows)]

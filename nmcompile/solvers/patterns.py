@@ -366,6 +366,22 @@ def _tile_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.maximum(scaled, (raw != 0).to(dtype))
 
 
+def _element_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The integers of :func:`_tile_scores`, in ``w2d``'s own ``[rows, cols]`` layout (no tile
+    copy: the per-tile maximum is a reduction over a view)."""
+    rows, cols = w2d.shape
+    dtype = _magnitude_dtype(w2d.dtype)
+    itype, _, mantissa, bias = _FORMATS[dtype]
+    bits = score_bits(n, m, dtype)
+    magnitude = torch.nan_to_num(w2d.detach().abs().to(dtype), nan=0.0,
+                                 posinf=torch.finfo(dtype).max)
+    raw = magnitude.view(itype)
+    exponent = raw.view(rows // m, m, cols // m, m).amax(dim=(1, 3), keepdim=True) >> mantissa
+    scale = ((bits - 1 + 2 * bias - exponent).clamp_(max=2 * bias) << mantissa).view(dtype)
+    scaled = torch.ceil(magnitude.view(rows // m, m, cols // m, m) * scale)
+    return torch.maximum(scaled, (raw != 0).to(dtype).view_as(scaled)).view(rows, cols)
+
+
 def _matmul_dtype(dtypes: Sequence[torch.dtype], device: torch.device) -> torch.dtype:
     """The scoring matmul's dtype: float32 sums the integer scores exactly unless float32
     matmuls may round their inputs (TF32, ``torch.set_float32_matmul_precision("high")``),
@@ -438,11 +454,10 @@ def _pattern_mask(w2d: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Ten
         return transposable_mask_scored(w2d, n, m, exact_n)
     # The scorer's exact integer magnitudes, in the weight's layout: the same optimum as
     # transposable_mask_scored, ties are true ties, and a tiny non-zero is never rounded away.
-    rows, cols = w2d.shape
-    scores = _tile_scores(w2d, n, m).reshape(rows // m, cols // m, m, m)
-    scores = scores.permute(0, 2, 1, 3).reshape(rows, cols)
     if w2d.device.type == "cpu" and w2d.dtype in _NATIVE_DTYPES and native.kernel() is not None:
-        return native.run(scores.to(torch.float32).contiguous(), band_plan(n, m, exact_n))
+        return native.run(w2d.to(torch.float32).contiguous(), band_plan(n, m, exact_n),
+                          score_bits(n, m, torch.float32))
+    scores = _element_scores(w2d, n, m)
     if (n, m) == (2, 4):
         return _mask_24(scores, scores.dtype, exact_n)
     return transposable_mask_scored(w2d, n, m, exact_n)

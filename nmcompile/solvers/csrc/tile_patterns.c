@@ -18,10 +18,15 @@
  *
  * Tiles are processed BLOCK at a time along a row of tiles, eight per vector, with each
  * group's running best kept in registers; comparisons are branch-free selects. Scores are
- * float sums of |w| (NaN counts as 0); only a strictly greater candidate replaces the best,
- * so ties keep the earlier option or pair.
+ * float sums of |w| (NaN counts as 0, +-Inf as FLT_MAX); only a strictly greater candidate
+ * replaces the best, so ties keep the earlier option or pair. With score_bits > 0 each tile's
+ * magnitudes are first made exact integers, as nmcompile.solvers.patterns._tile_scores makes
+ * them: scaled by the power of two that puts the tile's largest in [2^(B-1), 2^B), rounded up,
+ * every non-zero at least 1; their sums are then exact in float32, so ties are true ties and a
+ * tiny non-zero is never rounded away.
  */
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -84,12 +89,13 @@ int nm_tile_patterns(const float *w, int64_t rows, int64_t cols, int64_t tile_ro
                      int64_t tile_row_end, int32_t m, int32_t n_groups0, int32_t n_groups1,
                      const int32_t *group_end, const int32_t *opt_subsets,
                      const int32_t *opt_code, int32_t n_pairs, const int32_t *pair_top,
-                     const int32_t *pair_bot, uint8_t *mask) {
+                     const int32_t *pair_bot, int32_t score_bits, uint8_t *mask) {
     int status = check_plan(m, n_groups0, n_groups1, group_end, opt_subsets, n_pairs,
                             pair_top, pair_bot);
     if (status != NM_OK) return status;
     if (rows % m || cols % m || tile_row_begin < 0 || tile_row_end > rows / m)
         return NM_BAD_SHAPE;
+    if (score_bits < 0 || score_bits > 24) return NM_BAD_PLAN;
 
     const int64_t tiles_per_row = cols / m;
     const int32_t n_groups = n_groups0 + n_groups1;
@@ -98,7 +104,7 @@ int nm_tile_patterns(const float *w, int64_t rows, int64_t cols, int64_t tile_ro
     vf group_best[MAX_GROUPS][VECS];
     vi group_code[MAX_GROUPS][VECS];
     int32_t best_code[BLOCK];
-    float lane[BLOCK];
+    float vals[MAX_M][MAX_M][BLOCK];
     uint32_t spread[16]; /* 4 bits -> 4 bytes of 0/1, in memory order */
     for (int32_t bits = 0; bits < 16; ++bits) {
         uint8_t bytes[4] = {bits & 1, (bits >> 1) & 1, (bits >> 2) & 1, (bits >> 3) & 1};
@@ -109,21 +115,47 @@ int nm_tile_patterns(const float *w, int64_t rows, int64_t cols, int64_t tile_ro
         for (int64_t tj = 0; tj < tiles_per_row; tj += BLOCK) {
             const int64_t count = tiles_per_row - tj < BLOCK ? tiles_per_row - tj : BLOCK;
 
-            /* Sum of |w| over every column subset of every tile row (NaN -> 0; lanes past
-             * the end of the row of tiles -> 0). Single columns first, then each larger
-             * subset as a smaller one plus its highest column. */
+            /* |w| of every cell (NaN -> 0, +-Inf -> FLT_MAX; lanes past the end of the row of
+             * tiles -> 0), then, with score_bits, each tile's exact integer magnitudes. */
             for (int32_t r = 0; r < m; ++r) {
-                vf(*sub)[VECS] = subset + r * SUBSETS;
                 const float *row = w + (ti * m + r) * cols + tj * m;
-                for (int v = 0; v < VECS; ++v) sub[0][v] = (vf){0};
                 for (int32_t c = 0; c < m; ++c) {
                     for (int64_t t = 0; t < count; ++t) {
                         const float x = fabsf(row[t * m + c]);
-                        lane[t] = x == x ? x : 0.0f;
+                        vals[r][c][t] = x == x ? (x > FLT_MAX ? FLT_MAX : x) : 0.0f;
                     }
-                    for (int64_t t = count; t < BLOCK; ++t) lane[t] = 0.0f;
-                    memcpy(sub[1 << c], lane, sizeof lane);
+                    for (int64_t t = count; t < BLOCK; ++t) vals[r][c][t] = 0.0f;
                 }
+            }
+            if (score_bits > 0) {
+                for (int64_t t = 0; t < count; ++t) {
+                    float top = 0.0f;
+                    for (int32_t r = 0; r < m; ++r)
+                        for (int32_t c = 0; c < m; ++c)
+                            top = vals[r][c][t] > top ? vals[r][c][t] : top;
+                    uint32_t top_bits, scale_bits;
+                    memcpy(&top_bits, &top, 4);
+                    int32_t exponent = score_bits - 1 + 2 * 127 - (int32_t)(top_bits >> 23);
+                    scale_bits = (uint32_t)(exponent > 254 ? 254 : exponent) << 23;
+                    float scale;
+                    memcpy(&scale, &scale_bits, 4);
+                    for (int32_t r = 0; r < m; ++r)
+                        for (int32_t c = 0; c < m; ++c) {
+                            const float x = vals[r][c][t];
+                            uint32_t x_bits;
+                            memcpy(&x_bits, &x, 4);
+                            const float y = ceilf(x * scale);
+                            vals[r][c][t] = (x_bits != 0 && y < 1.0f) ? 1.0f : y;
+                        }
+                }
+            }
+
+            /* Sum over every column subset of every tile row: single columns first, then
+             * each larger subset as a smaller one plus its highest column. */
+            for (int32_t r = 0; r < m; ++r) {
+                vf(*sub)[VECS] = subset + r * SUBSETS;
+                for (int v = 0; v < VECS; ++v) sub[0][v] = (vf){0};
+                for (int32_t c = 0; c < m; ++c) memcpy(sub[1 << c], vals[r][c], sizeof vals[r][c]);
                 for (int32_t s = 3; s < (1 << m); ++s) {
                     const int32_t high = 1 << (31 - __builtin_clz((unsigned)s));
                     if (s == high) continue;
