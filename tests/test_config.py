@@ -83,3 +83,24 @@ def test_mode_from_torch_compile_reaches_the_config():
         nm_backend(gm, [torch.randn(2)], mode="turbo")
     assert NMConfig.from_options({"mode": "max-autotune"}).uses_cuda_graphs
     assert not NMConfig.from_options({"mode": "max-autotune-no-cudagraphs"}).uses_cuda_graphs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
+def test_torch_compile_modes_compile_and_mask(mode):
+    """``torch.compile(..., backend="nm", mode=...)`` compiles with Inductor's mode (CUDA graphs
+    only apply on a GPU) and the rewrite: the output is the masked layer's."""
+    import torch
+
+    import nmcompile
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)
+    compiled = torch.compile(lin, backend="nm", mode=mode)
+    x = torch.randn(8, 64, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    mask = nmcompile.masks(lin)["weight"]
+    want = x.detach() @ torch.where(mask, lin.weight.detach(), 0).t() + lin.bias.detach()
+    torch.testing.assert_close(out.detach(), want)
+    assert x.grad is not None
