@@ -325,22 +325,14 @@ def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
     Dynamo's own graph is left untouched (it reads its placeholders after the backend
     returns); the Dynamo metadata AOTAutograd reads is carried over to the copy.
     """
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    result = graph.graph_copy(gm.graph, env)
-    for old, new in env.items():
-        if hasattr(old, "_dynamo_source"):
-            new._dynamo_source = old._dynamo_source
+    copied = _copy_graph(gm)
+    graph = copied.graph
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     for i in range(count):
         with graph.inserting_after(last):
             last = graph.placeholder(f"nm_mask_{i}")
         last._dynamo_source = None  # no user-code source, like DDPOptimizer's own inputs
-    graph.output(result)
-    copied = fx.GraphModule(gm, graph)
-    copied.meta.update(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        copied._param_name_to_source = gm._param_name_to_source
+    copied.recompile()
     return copied
 
 

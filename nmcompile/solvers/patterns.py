@@ -341,15 +341,21 @@ def _magnitude_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _tile_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """``|w|`` as one row of ``m*m`` exact integers per tile, in float32 (float64 weights:
-    float64).
+    """``|w|`` as one row of ``m*m`` exact integers per tile (:func:`_element_scores`)."""
+    rows, cols = w2d.shape
+    scores = _element_scores(w2d, n, m).reshape(rows // m, m, cols // m, m)
+    return scores.permute(0, 2, 1, 3).reshape(-1, m * m)
 
-    Each tile is scaled by the power of two that puts its largest magnitude in
+
+def _element_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``|w|`` as exact integers in float32 (float64 weights: float64), in ``w2d``'s layout.
+
+    Each ``m x m`` tile is scaled by the power of two that puts its largest magnitude in
     ``[2**(B-1), 2**B)`` (:func:`score_bits`; the scale is built from the exponent bits, so the
     product is exact) and rounded up; every non-zero, subnormals included, is at least 1
     (also where denormals are flushed to zero). Integer ops on the bit patterns and a
-    power-of-two product: the same integers in eager mode, under Inductor and on any device.
-    NaN counts as zero and +-Inf as the dtype's largest finite value.
+    power-of-two product: the same integers in eager mode, under Inductor, on any device and in
+    the C kernel. NaN counts as zero and +-Inf as the dtype's largest finite value.
     """
     rows, cols = w2d.shape
     dtype = _magnitude_dtype(w2d.dtype)
@@ -357,29 +363,12 @@ def _tile_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
     bits = score_bits(n, m, dtype)
     magnitude = torch.nan_to_num(w2d.detach().abs().to(dtype), nan=0.0,
                                  posinf=torch.finfo(dtype).max)
-    tiles = magnitude.reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3)
-    tiles = tiles.reshape(-1, m * m)
+    tiles = magnitude.view(rows // m, m, cols // m, m)
     raw = tiles.view(itype)  # non-negative floats order like their bit patterns
-    exponent = raw.amax(dim=1, keepdim=True) >> mantissa  # biased exponent of the tile's max
-    scale = (bits - 1 + 2 * bias - exponent).clamp_(max=2 * bias) << mantissa
-    scaled = torch.ceil(tiles * scale.view(dtype))
-    return torch.maximum(scaled, (raw != 0).to(dtype))
-
-
-def _element_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """The integers of :func:`_tile_scores`, in ``w2d``'s own ``[rows, cols]`` layout (no tile
-    copy: the per-tile maximum is a reduction over a view)."""
-    rows, cols = w2d.shape
-    dtype = _magnitude_dtype(w2d.dtype)
-    itype, _, mantissa, bias = _FORMATS[dtype]
-    bits = score_bits(n, m, dtype)
-    magnitude = torch.nan_to_num(w2d.detach().abs().to(dtype), nan=0.0,
-                                 posinf=torch.finfo(dtype).max)
-    raw = magnitude.view(itype)
-    exponent = raw.view(rows // m, m, cols // m, m).amax(dim=(1, 3), keepdim=True) >> mantissa
+    exponent = raw.amax(dim=(1, 3), keepdim=True) >> mantissa  # biased exponent of the max
     scale = ((bits - 1 + 2 * bias - exponent).clamp_(max=2 * bias) << mantissa).view(dtype)
-    scaled = torch.ceil(magnitude.view(rows // m, m, cols // m, m) * scale)
-    return torch.maximum(scaled, (raw != 0).to(dtype).view_as(scaled)).view(rows, cols)
+    scaled = torch.ceil(tiles * scale)
+    return torch.maximum(scaled, (raw != 0).to(dtype)).view(rows, cols)
 
 
 def _matmul_dtype(dtypes: Sequence[torch.dtype], device: torch.device) -> torch.dtype:
