@@ -32,6 +32,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import coverage
 from .config import NMConfig
 from .dump import GraphDump
 from .fallback import install as watch_eager_fallback
@@ -72,7 +73,9 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     except ValueError as error:
         raise NMOptionError(str(error)) from None
     watch_eager_fallback()  # past the recompile limit its calls would run dense: warn then
-    names = ParameterNames(compiled_module())
+    root = compiled_module()
+    coverage.watch(root, config)  # its weights no graph reads train dense: warn then
+    names = ParameterNames(root)
     params = graph_parameters(gm, example_inputs, config, names)
     if not params:
         return _compile(gm, example_inputs, config, params)
@@ -161,6 +164,7 @@ def _seen(gm: fx.GraphModule, example_inputs: Sequence[Any], params: Sequence[Gr
             value = names.resolve(_source(node))
         if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
             seen[value] = p
+            coverage.note_read(value)
     return seen
 
 
@@ -201,6 +205,7 @@ class _LayerFilter:
             if info is None:
                 names = names or ParameterNames(compiled_module(), scope=None)
                 info = self.seen[param] = self._decide(p, param, names)
+                coverage.note_read(param)
             chosen.append(info)
         key = self._key(chosen)
         fn = self.variants.get(key)

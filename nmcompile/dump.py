@@ -6,6 +6,9 @@ Layout of a dump folder (``options={"dump_dir": DIR}`` or ``NMCOMPILE_DUMP_DIR``
                                           and every other op that reads a weight the pass
                                           masks (or could have masked)
     DIR/phases.txt                        the schedule's phases as each graph entered them
+    DIR/unread.json                       weights of a compiled module that no graph reads
+                                          (they train dense; :mod:`nmcompile.coverage`), also
+                                          in the summary as ``unread``
     DIR/graph_<k>/joint_before.py         joint forward+backward graph as AOTAutograd traced it
     DIR/graph_<k>/joint_after.py          ... after the N:M rewrite
     DIR/graph_<k>/forward.py, backward.py the partitioned graphs handed to the compiler
@@ -28,7 +31,7 @@ from typing import Any
 from tabulate import tabulate
 from torch._logging import trace_structured
 
-__all__ = ["GraphDump", "format_table", "read_summary"]
+__all__ = ["GraphDump", "format_table", "read_summary", "write_unread"]
 
 _COLUMNS = ("graph", "node", "role", "param", "shapes", "became", "sparse", "kernel", "reason")
 
@@ -61,8 +64,26 @@ def _dim(size: int | str) -> str:
 
 
 def read_summary(dump_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load ``summary.json`` of a dump folder."""
+    """Load ``summary.json`` of a dump folder: ``config``, ``matmuls`` (the table's rows),
+    ``symbols`` (dynamic shapes) and ``unread`` (``{param: reason}``: weights no graph read)."""
     return json.loads((Path(dump_dir) / "summary.json").read_text())
+
+
+def write_unread(dump_dir: str | os.PathLike, found: Mapping[str, str],
+                 config: Mapping[str, Any]) -> None:
+    """Add ``{param: reason}`` of weights no graph read to the dump (``unread.json``, merged
+    with this process's earlier entries) and refresh its summary."""
+    root = Path(dump_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "unread.json"
+    entries: dict[str, str] = {}
+    if path.exists():
+        part = json.loads(path.read_text())
+        if part.get("pid") == os.getpid():
+            entries = part["unread"]
+    entries.update(found)
+    path.write_text(json.dumps({"pid": os.getpid(), "unread": entries}, indent=1))
+    _refresh_summary(root, config)
 
 
 class GraphDump:
@@ -116,28 +137,39 @@ class GraphDump:
         payload = {"pid": os.getpid(), "config": dict(config), "matmuls": rows,
                    "symbols": dict(symbols or {})}
         (self.dir / "matmuls.json").write_text(json.dumps(payload, indent=1))
-        self._refresh_summary(config)
+        _refresh_summary(self.root, config)
 
-    def _refresh_summary(self, config: Mapping[str, Any]) -> None:
-        rows: list[dict[str, Any]] = []
-        symbols: dict[str, dict[str, str]] = {}
-        for path in sorted(self.root.glob("graph_*/matmuls.json")):
-            part = json.loads(path.read_text())
-            if part.get("pid") == os.getpid():
-                rows.extend(part["matmuls"])
-                if part.get("symbols") and part["matmuls"]:
-                    symbols[str(part["matmuls"][0]["graph_id"])] = part["symbols"]
-        summary = {"config": dict(config), "matmuls": rows, "symbols": symbols}
-        text = json.dumps(summary, indent=1)
-        (self.root / "summary.json").write_text(text)
-        legend = "".join(
-            f"graph {graph}: " + ", ".join(f"{k} = {v}" for k, v in names.items()) + "\n"
-            for graph, names in symbols.items())
-        if legend:
-            legend = "\nsymbolic sizes (dynamic shapes):\n" + legend
-        (self.root / "summary.txt").write_text(format_table(rows) + "\n" + legend)
-        trace_structured(
-            "artifact",
-            metadata_fn=lambda: {"name": "nm_summary", "encoding": "json"},
-            payload_fn=lambda: text,
-        )
+
+def _refresh_summary(root: Path, config: Mapping[str, Any]) -> None:
+    """Rewrite ``summary.json``/``summary.txt`` from this process's graph folders."""
+    rows: list[dict[str, Any]] = []
+    symbols: dict[str, dict[str, str]] = {}
+    for path in sorted(root.glob("graph_*/matmuls.json")):
+        part = json.loads(path.read_text())
+        if part.get("pid") == os.getpid():
+            rows.extend(part["matmuls"])
+            if part.get("symbols") and part["matmuls"]:
+                symbols[str(part["matmuls"][0]["graph_id"])] = part["symbols"]
+    unread: dict[str, str] = {}
+    if (root / "unread.json").exists():
+        part = json.loads((root / "unread.json").read_text())
+        if part.get("pid") == os.getpid():
+            unread = part["unread"]
+    summary = {"config": dict(config), "matmuls": rows, "symbols": symbols,
+               "unread": unread}
+    text = json.dumps(summary, indent=1)
+    (root / "summary.json").write_text(text)
+    legend = "".join(
+        f"graph {graph}: " + ", ".join(f"{k} = {v}" for k, v in names.items()) + "\n"
+        for graph, names in symbols.items())
+    if legend:
+        legend = "\nsymbolic sizes (dynamic shapes):\n" + legend
+    if unread:
+        legend += "\nweights no graph reads (they train dense):\n" + "".join(
+            f"{name}: {reason}\n" for name, reason in unread.items())
+    (root / "summary.txt").write_text(format_table(rows) + "\n" + legend)
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": "nm_summary", "encoding": "json"},
+        payload_fn=lambda: text,
+    )

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import fsdp
 from .config import NMConfig
 
 __all__ = ["Schedule", "phase_of", "phase_name"]
@@ -136,4 +137,8 @@ class Schedule:
             return
         masks = self.current_masks(args)
         for pos in sparse:
-            args[pos].mul_(masks[pos].to(args[pos].device))
+            mask = masks[pos].to(args[pos].device)
+            args[pos].mul_(mask)
+            owner = fsdp.sharded_param(args[pos])  # FSDP2: the copy the optimizer updates
+            if owner is not None:
+                owner.mul_(fsdp.shard_like(mask, owner))

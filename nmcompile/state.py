@@ -27,6 +27,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import fsdp
 from .config import NMConfig
 from .kernels import cusparselt
 from .masking import (
@@ -73,10 +74,17 @@ def watch_optimizer_steps() -> None:
 def weight_token(param: torch.Tensor) -> tuple[int, int]:
     """A value that changes whenever ``param`` takes an optimizer step: its version counter and
     the number of ``torch.optim`` ``step()`` calls that updated it. For a parameter whose
-    changes were found to escape both (see :data:`CHECKED_CALLS`), a new value at every call."""
+    changes were found to escape both (see :data:`CHECKED_CALLS`), a new value at every call.
+
+    For the unsharded copy of an FSDP2 parameter (what the graphs read; every all-gather
+    rewrites it) the token is that of the sharded parameter the optimizer updates.
+    """
     if param in _UNSEEN:
         _UNSEEN[param] += 1
         return param._version, -_UNSEEN[param]
+    owner = fsdp.sharded_param(param)
+    if owner is not None:
+        return fsdp.version(owner), _OPTIMIZER_STEPS.get(owner, 0)
     return param._version, _OPTIMIZER_STEPS.get(param, 0)
 
 
@@ -209,8 +217,9 @@ class MaskBank:
             if adopt:
                 record.packs.update({(p.dtype, p.transposed): p for p in examples.values()})
             register(param, record)
-            if param in _PENDING:
-                _load_record(record, _PENDING.pop(param))
+            pending = _pending_key(param)
+            if pending is not None:
+                _load_record(record, _PENDING.pop(pending))
         for transposed in used:
             key = (self._slots[pos].dtype, transposed)
             if key not in record.packs:
@@ -349,19 +358,33 @@ def _store(record: MaskRecord, param: torch.Tensor, mask: torch.Tensor) -> None:
     record.steps = 0
 
 
+def _pending_key(param: torch.Tensor) -> torch.Tensor | None:
+    """The key under which a mask state was loaded for ``param`` before compilation: ``param``
+    itself, or for an FSDP2 unsharded parameter its sharded parameter."""
+    if param in _PENDING:
+        return param
+    owner = fsdp.sharded_param(param)
+    return owner if owner is not None and owner in _PENDING else None
+
+
 def _named_records(model: torch.nn.Module):
+    """``(name, param, key, record)`` of every masked parameter of ``model``: ``key`` is the
+    tensor the graphs read (``param`` itself, or the unsharded copy of an FSDP2 parameter)."""
     model = getattr(model, "_orig_mod", model)
     for name, param in model.named_parameters():
-        record = record_of(param)
+        key = fsdp.graph_param(param)
+        record = record_of(key)
         if record is not None:
-            yield name, param, record
+            yield name, param, key, record
 
 
 def _current(param: torch.Tensor, record: MaskRecord) -> torch.Tensor:
+    """The mask in use: the stored one, or recomputed from the full weight as the graph does
+    (an all-gather for a sharded FSDP2 parameter)."""
     if record.forward is not None:
         return record.forward.clone()
     with torch.no_grad():
-        return compute_mask(param.detach(), record.spec)
+        return compute_mask(fsdp.full_weight(param).detach(), record.spec)
 
 
 def masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -375,8 +398,8 @@ def masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     a weight whose last call ran in a dense phase of the schedule (``sparse_start``,
     ``sparse_stop``) has no mask in use and is left out.
     """
-    return {name: _current(param, record) for name, param, record in _named_records(model)
-            if phase_of(param) in (None, "sparse")}
+    return {name: _current(param, record) for name, param, key, record in _named_records(model)
+            if phase_of(key) in (None, "sparse")}
 
 
 def apply_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -385,12 +408,13 @@ def apply_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     The pruned model computes dense what the compiled sparse model computed: after it, a
     dense backend (or ``nmcompile.to_semi_structured`` on a GPU) serves the same function.
+    On an FSDP2 model every rank must call it (see :func:`masks`); each prunes its shard.
     """
     found = masks(model)
     params = dict(getattr(model, "_orig_mod", model).named_parameters())
     with torch.no_grad():
         for name, mask in found.items():
-            params[name].mul_(mask.to(params[name].device))
+            params[name].mul_(fsdp.shard_like(mask, params[name]))
     return found
 
 
@@ -442,21 +466,22 @@ def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     about once (``RuntimeWarning``).
     """
     out = {}
-    for name, param, record in _named_records(model):
-        phase = phase_of(param) or "sparse"
+    for name, param, key, record in _named_records(model):
+        phase = phase_of(key) or "sparse"
         if record.forward is not None and record.stats is not None:
             out[name] = dataclasses.replace(record.stats.read(), phase=phase)
             _watch_flips(name, record, out[name])
             continue
-        mask = _current(param, record)
+        weight = fsdp.full_weight(param)
+        mask = _current(weight, record)
         record.refreshes += 1
         out[name] = dataclasses.replace(
-            mask_stats(param, mask, record.previous, record.refreshes), phase=phase)
+            mask_stats(weight, mask, record.previous, record.refreshes), phase=phase)
         record.previous = mask
         _watch_flips(name, record, out[name])
     root = getattr(model, "_orig_mod", model)
     for name, param in root.named_parameters():
-        phase = phase_of(param)
+        phase = phase_of(fsdp.graph_param(param))
         if name not in out and phase is not None:  # dense before sparse_start: no mask yet
             out[name] = MaskStats(0, None, 1.0, 1.0, phase)
     return out
@@ -469,9 +494,9 @@ def mask_state_dict(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     as an uninterrupted one, including mid-interval with ``mask_interval > 1``.
     """
     state = {}
-    for name, param, record in _named_records(model):
+    for name, param, key, record in _named_records(model):
         if record.forward is not None:
-            _observe(record, param)  # an optimizer step taken since the last call counts
+            _observe(record, key)  # an optimizer step taken since the last call counts
         state[name] = {
             "forward": _current(param, record),
             "backward": None if record.backward is None else record.backward.clone(),
@@ -488,7 +513,7 @@ def load_mask_state_dict(model: torch.nn.Module, state: Mapping[str, Mapping[str
     if unknown:
         raise KeyError(f"mask state names parameters the model does not have: {unknown}")
     for name, entry in state.items():
-        record = record_of(params[name])
+        record = record_of(fsdp.graph_param(params[name]))
         if record is None:
             _PENDING[params[name]] = dict(entry)
         else:

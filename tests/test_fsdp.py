@@ -1,0 +1,235 @@
+"""FSDP2 (``fully_shard``) through the ``nm`` backend: 2 gloo processes on CPU.
+
+One 2-rank job runs every scenario in turn (each a fresh model, ``torch._dynamo.reset()``
+between them) and saves what each rank ends with: the full weights, ``nmcompile.masks``,
+``stats()``' refresh counts, the dump and the warnings. The tests compare each scenario with
+one process training the same model, compiled the same way, on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import nmcompile
+from nmcompile import read_summary
+from nmcompile.config import DEFAULT_EXCLUDE
+from nmcompile.fallback import DenseFallbackWarning
+
+WORLD = 2
+STEPS = 3
+WIDTH = 64
+GLOBAL_BATCH = 16
+TIMEOUT_S = 240
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(WIDTH, 4 * WIDTH)
+        self.fc2 = nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    """Two blocks called in a loop between root-level linear layers (``inp`` and a head named
+    ``head``, or ``lm_head``, which the default layer filter keeps dense)."""
+
+    def __init__(self, head: str = "head") -> None:
+        super().__init__()
+        self.inp = nn.Linear(WIDTH, WIDTH)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head_name = head
+        setattr(self, head, nn.Linear(WIDTH, WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for block in self.blocks:
+            x = block(x)
+        return getattr(self, self.head_name)(x)
+
+
+#: name -> (fully_shard layout, what is compiled, head name, backend options)
+SCENARIOS = {
+    # torch.compile(model) after fully_shard on blocks and root: the loop over FSDP blocks makes
+    # Dynamo run Net.forward eagerly (its inp layer trains dense, warned); excluded: inp, lm_head
+    "blocks+root/compile(model)": ("blocks+root", "model", "lm_head",
+                                   {"exclude": [*DEFAULT_EXCLUDE, "inp*"]}),
+    "root/compile(model)/interval2": ("root", "model", "head", {"mask_interval": 2}),
+    "blocks+root/compile(blocks) before/mcf": (
+        "blocks+root", "blocks-before", "head", {"transposable_method": "mcf"}),
+    "blocks+root/compile(blocks) after/bimask": (
+        "blocks+root", "blocks-after", "head", {"grad_input": "bimask"}),
+    "blocks+root/compile(model)/unread": ("blocks+root", "model", "head", {}),
+}
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(GLOBAL_BATCH, WIDTH, generator=gen),
+             torch.randn(GLOBAL_BATCH, WIDTH, generator=gen)) for _ in range(STEPS)]
+
+
+def _train(compiled, params, batches, rank: int = 0, world: int = 1):
+    opt = torch.optim.SGD(params, lr=0.05)
+    per_rank = GLOBAL_BATCH // world
+    for x, y in batches:
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        loss = nn.functional.mse_loss(compiled(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
+def _build(layout: str, compiles: str, head: str, options: dict, shard: bool):
+    """The model and the callable to train (``shard=False``: the single-process reference,
+    compiled the same way)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Net(head)
+    if compiles == "blocks-before":
+        for block in model.blocks:
+            block.compile(backend="nm", options=options)
+    if shard:
+        if layout == "blocks+root":
+            for block in model.blocks:
+                fully_shard(block)
+        fully_shard(model)
+    if compiles == "blocks-after":
+        for block in model.blocks:
+            block.compile(backend="nm", options=options)
+    if compiles == "model":
+        return model, torch.compile(model, backend="nm", options=options)
+    return model, model
+
+
+def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for i, name in enumerate(names):
+            layout, compiles, head, options = SCENARIOS[name]
+            dump = os.path.join(out, f"dump_{i}_{rank}")
+            options = {"inductor": False, **options, "dump_dir": dump}
+            torch._dynamo.utils.counters.clear()
+            model, compiled = _build(layout, compiles, head, options, shard=True)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _train(compiled, model.parameters(), _batches(), rank, WORLD)
+            # every rank calls these (an all-gather per in-graph mask)
+            found, stats = nmcompile.masks(model), nmcompile.stats(model)
+            full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            torch.save({"state": full, "masks": found,
+                        "refreshes": {k: s.refreshes for k, s in stats.items()},
+                        "dense_warnings": [str(w.message) for w in caught
+                                           if issubclass(w.category, DenseFallbackWarning)],
+                        "dump": dump},
+                       os.path.join(out, f"{i}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(worker, out: Path, *args) -> None:
+    """Run ``worker(rank, port, out, *args)`` on 2 ranks; kill and fail past ``TIMEOUT_S``."""
+    ctx = mp.start_processes(worker, args=(_free_port(), str(out), *args), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            pytest.fail(f"2-rank FSDP2 job did not finish in {TIMEOUT_S} s")
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """scenario name -> [what rank 0 saved, what rank 1 saved]."""
+    out = tmp_path_factory.mktemp("fsdp")
+    names = list(SCENARIOS)
+    spawn(_worker, out, names)
+    return {name: [torch.load(out / f"{i}_rank{r}.pt") for r in range(WORLD)]
+            for i, name in enumerate(names)}
+
+
+def _reference(name: str):
+    layout, compiles, head, options = SCENARIOS[name]
+    model, compiled = _build(layout, compiles, head, {"inductor": False, **options},
+                             shard=False)
+    _train(compiled, model.parameters(), _batches())
+    return model
+
+
+def _sparse_layers(model: Net, name: str) -> list[str]:
+    _, compiles, head, options = SCENARIOS[name]
+    layers = [f"blocks.{b}.fc{i}.weight" for b in (0, 1) for i in (1, 2)]
+    if compiles == "model" and "exclude" not in options and head == "head":
+        layers = ["inp.weight", *layers, "head.weight"]  # what one process masks
+    return layers
+
+
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if not n.endswith("/unread")])
+def test_fsdp2_two_ranks_match_single_process(fsdp_runs, name):
+    ranks = fsdp_runs[name]
+    model = _reference(name)
+    ref_masks = nmcompile.masks(model)
+    ref_refreshes = {k: s.refreshes for k, s in nmcompile.stats(model).items()}
+    layers = _sparse_layers(model, name)
+    assert sorted(ref_masks) == sorted(layers)
+    for r, got in enumerate(ranks):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(got["state"][key], value, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, k=key, r=r: f"rank {r} {k}: {m}")
+        # full-shape masks, keyed by named_parameters() names, equal on every rank and to
+        # the single process's
+        assert sorted(got["masks"]) == sorted(layers), f"rank {r}"
+        for layer in layers:
+            mask = got["masks"][layer]
+            assert mask.dtype == torch.bool and mask.shape == value_shape(model, layer)
+            assert torch.equal(mask, ranks[0]["masks"][layer]), (r, layer)
+            assert torch.equal(mask, ref_masks[layer]), (r, layer)
+            assert 0.45 < mask.float().mean().item() <= 0.5, layer
+        assert got["refreshes"] == ref_refreshes, f"rank {r}"
+        assert not got["dense_warnings"], got["dense_warnings"]
+        assert not read_summary(got["dump"])["unread"]
+
+
+def value_shape(model: nn.Module, name: str) -> torch.Size:
+    return dict(model.named_parameters())[name].shape
+
+
+def test_fsdp2_layers_dynamo_runs_eagerly_are_listed_and_warned(fsdp_runs):
+    """fully_shard per block + torch.compile(model): Net.forward runs eagerly (a graph break
+    in a loop), so inp and head train dense; both are named in a warning and in the dump."""
+    for got in fsdp_runs["blocks+root/compile(model)/unread"]:
+        assert len(got["dense_warnings"]) == 1, got["dense_warnings"]
+        message = got["dense_warnings"][0]
+        assert "['head.weight', 'inp.weight']" in message and "train DENSE" in message
+        assert "shard only the root" in message
+        summary = read_summary(got["dump"])
+        assert sorted(summary["unread"]) == ["head.weight", "inp.weight"]
+        assert "trains DENSE" in summary["unread"]["inp.weight"]
+        assert "weights no graph reads" in (Path(got["dump"]) / "summary.txt").read_text()
+        # the blocks' layers are masked, and nmcompile.masks says which were
+        assert sorted(got["masks"]) == [f"blocks.{b}.fc{i}.weight" for b in (0, 1)
+                                        for i in (1, 2)]
