@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["full_weight", "graph_param", "is_sharded", "shard_like", "sharded_param", "version"]
+__all__ = ["fqn", "full_weight", "graph_param", "is_sharded", "shard_like", "sharded_param",
+           "version"]
 
 _FULLY_SHARD = "torch.distributed.fsdp._fully_shard._fsdp_state"
 _BY_UNSHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # unsharded param -> FSDPParam
@@ -127,6 +128,13 @@ def version(param: torch.Tensor) -> int:
     """The version counter of a sharded parameter: the ``DTensor``'s own, which in-place updates
     (an optimizer's, ``copy_``) bump; its local shard's counter does not move."""
     return param._version
+
+
+def fqn(param: torch.Tensor) -> str | None:
+    """The name FSDP2 gives ``param`` (sharded or unsharded): its ``named_parameters()`` name in
+    the root ``fully_shard`` module, set at that module's first forward; else ``None``."""
+    fsdp_param = _lookup(_BY_UNSHARDED, param) or _lookup(_BY_SHARDED, param)
+    return getattr(fsdp_param, "_param_fqn", None) if fsdp_param is not None else None
 
 
 def full_weight(param: torch.Tensor) -> torch.Tensor:

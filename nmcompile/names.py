@@ -21,7 +21,10 @@ The root is, in order of preference:
    frame as Dynamo's guards evaluate it.
 
 A parameter none of them holds (a tensor kept in a plain list, say) keeps a name read from
-its source.
+its source. An FSDP2 (``fully_shard``) parameter is named before all of these by FSDP's own
+name for it, its ``named_parameters()`` name in the root ``fully_shard`` module: under
+per-block compilation the compiled module is a block, and its names would lack the block's
+prefix (and name every block's weights alike).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from . import fsdp
 
 __all__ = ["ParameterNames", "compiled_module", "name_of", "source_path", "source_text"]
 
@@ -168,9 +173,14 @@ class ParameterNames:
                     break
 
     def names(self, param: torch.Tensor | None) -> tuple[str, ...]:
-        """``(name, *aliases)`` of ``param`` in the first root that holds it; ``()`` if none."""
+        """``(name, *aliases)`` of ``param`` in the first root that holds it; ``()`` if none.
+        An FSDP2 parameter is named in its root ``fully_shard`` module (FSDP's own name for
+        it), whichever module was compiled (a block, under per-block compilation)."""
         if param is None:
             return ()
+        sharded_name = fsdp.fqn(param)
+        if sharded_name:
+            return (sharded_name,)
         for root in (*self._roots, *self._local_roots, *self._global_roots):
             found = self._table(root).get(id(param))
             if found:

@@ -38,3 +38,44 @@ def test_hf_gpt2_trains_with_the_schedule_prunes_and_saves(tmp_path):
     params = dict(model.named_parameters())
     for name, mask in masks.items():
         assert torch.all(params[name][~mask] == 0), name  # saved pruned
+
+
+def _torchrun(script: str, *args: str, cwd: Path) -> str:
+    """``torchrun --standalone --nproc_per_node=2 examples/SCRIPT ARGS`` (gloo on CPU)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(ROOT / "examples" / script), *args],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    return done.stdout
+
+
+BLOCK_LAYERS = sorted(f"blocks.{b}.{layer}.weight" for b in (0, 1)
+                      for layer in ("attn.qkv", "attn.proj", "fc", "out"))
+
+
+def _table_params(out: str) -> set[str]:
+    """The params of the sparse rows of the per-matmul table printed on rank 0."""
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("|")]
+    return {row[4].strip() for row in rows[2:] if row[7].strip() == "yes"}
+
+
+def test_ddp_example_trains_on_two_processes_and_saves_its_masks(tmp_path):
+    out = _torchrun("ddp.py", "--steps", "4", "--out", "run", cwd=tmp_path)
+    assert "9 weights trained 2:4 sparse" in out
+    assert _table_params(out) == {*BLOCK_LAYERS, "head.weight"}
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt")
+    assert sorted(ckpt["masks"]) == sorted([*BLOCK_LAYERS, "head.weight"])
+    assert ckpt["step"] == 4 and set(ckpt["masks"]) <= set(ckpt["model"])
+
+
+def test_fsdp2_example_trains_saves_and_resumes_on_two_processes(tmp_path):
+    out = _torchrun("fsdp2.py", "--steps", "3", "--out", "run", cwd=tmp_path)
+    assert "8 weights trained 2:4 sparse" in out  # the blocks; embeddings and head uncompiled
+    # one graph (traced with block 0's weights, named as FSDP names them) serves both blocks
+    assert _table_params(out) == {n for n in BLOCK_LAYERS if n.startswith("blocks.0.")}
+    saved = torch.load(tmp_path / "run" / "step_3" / "masks.pt")
+    assert saved["step"] == 3 and sorted(saved["masks"]) == BLOCK_LAYERS
+    assert saved["masks"]["blocks.0.fc.weight"]["forward"].shape == (512, 128)  # full shape
+    out = _torchrun("fsdp2.py", "--steps", "2", "--out", "run", "--resume", cwd=tmp_path)
+    assert "resumed at step 3" in out and "step   4" in out
+    assert torch.load(tmp_path / "run" / "step_5" / "masks.pt")["step"] == 5
