@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast test-transformers5 demo bench lint clean gpu-check
+.PHONY: venv test test-fast test-transformers5 demo bench lint clean gpu-check gpu-dist-check
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench: $(STAMP)
 OUT ?= gpu_check_out
 gpu-check:
 	bash scripts/gpu-check.sh $(OUT)
+
+# The same machine: FSDP2/DDP CUDA tests, the cost rule's checks and examples/{fsdp2,ddp}.py
+# under torchrun on every GPU, into OUT.
+gpu-dist-check:
+	bash scripts/gpu-dist-check.sh $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
