@@ -44,10 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", device_id=device)
+    rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
     out = Path(args.out)
     try:

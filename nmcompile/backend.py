@@ -22,6 +22,7 @@ import contextlib
 import copy
 import functools
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,9 +33,10 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import coverage
+from . import coverage, fsdp
 from .config import NMConfig
 from .dump import GraphDump
+from .fallback import DenseFallbackWarning
 from .fallback import install as watch_eager_fallback
 from .kernels import autocast_dtypes, packing_dtype
 from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
@@ -77,11 +79,30 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     coverage.watch(root, config)  # its weights no graph reads train dense: warn then
     names = ParameterNames(root)
     params = graph_parameters(gm, example_inputs, config, names)
+    params = _without_dtensors(params, example_inputs)
     if not params:
         return _compile(gm, example_inputs, config, params)
     template = _copy_graph(gm)  # compile_fx may edit gm; a variant starts from the original
     first = _compile(gm, example_inputs, config, params)
     return _LayerFilter(first, template, config, params, _seen(gm, example_inputs, params, names))
+
+
+def _without_dtensors(params: list[GraphInput], example_inputs: Sequence[Any]) -> list[GraphInput]:
+    """``params``, or none if any is a ``DTensor`` inside the graph (tensor parallelism):
+    AOTAutograd flattens those into their local shards, which the rewrite cannot map back to
+    parameters, so the whole graph stays dense, with a warning. (FSDP2's parameters are not
+    among them: its graphs read the plain unsharded copies.)"""
+    found = [p.name for p in params if fsdp.is_sharded(example_inputs[p.position])]
+    if not found:
+        return params
+    warnings.warn(
+        f"nmcompile: {found} are DTensor parameters inside the compiled graph (tensor "
+        "parallelism?); nmcompile masks plain parameters only, so this graph trains DENSE. "
+        "FSDP2 (fully_shard) alone is supported: its graphs read the unsharded weights.",
+        DenseFallbackWarning, stacklevel=2)
+    for p in params:
+        coverage.note_read(example_inputs[p.position])
+    return []
 
 
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig,

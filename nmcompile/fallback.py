@@ -47,7 +47,9 @@ _WARNED: weakref.WeakSet = weakref.WeakSet()
 
 
 class DenseFallbackWarning(RuntimeWarning):
-    """Calls of a frame the ``nm`` backend compiled now run eagerly: dense, without masks."""
+    """Part of a model compiled with the ``nm`` backend trains dense, without masks: calls of a
+    frame past Dynamo's recompile limit (here), weights no ``nm`` graph reads
+    (:mod:`nmcompile.coverage`), a graph over ``DTensor`` parameters (the backend)."""
 
 
 def install() -> bool:

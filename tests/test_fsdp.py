@@ -528,3 +528,40 @@ def test_fsdp2_cusparselt_one_gpu_trains_like_the_emulation(tmp_path):
     spawn(_kernel_worker, tmp_path, 1, nprocs=1)
     # bf16 kernels against bf16 dense GEMMs: weights within bf16 error, near-ties may flip
     _check_kernel_run(tmp_path, 1, mask_agreement=0.999)
+
+
+def _tensor_parallel_worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        block = parallelize_module(Block(), init_device_mesh("cpu", (WORLD,)),
+                                   {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+        compiled = torch.compile(block, backend="nm", options={"inductor": False})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled(torch.randn(8, WIDTH)).sum().backward()
+        torch.save({"warnings": [str(w.message) for w in caught
+                                 if issubclass(w.category, DenseFallbackWarning)],
+                    "counters": dict(torch._dynamo.utils.counters["nmcompile"])},
+                   os.path.join(out, f"tp_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_dtensor_parameters_train_dense_with_a_warning(tmp_path):
+    """DTensor parameters inside the graph cannot be mapped to the flattened local shards: the
+    graph is left dense, and a DenseFallbackWarning names the parameters."""
+    spawn(_tensor_parallel_worker, tmp_path)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"tp_rank{r}.pt")
+        assert len(got["warnings"]) == 1, got["warnings"]
+        assert "'fc1.weight'" in got["warnings"][0] and "trains DENSE" in got["warnings"][0]
+        assert not got["counters"].get("forward_sparse")
