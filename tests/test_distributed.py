@@ -9,24 +9,27 @@ ranks equal 3 single-process steps on the same global batch.
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nmcompile
 from nmcompile import read_summary
+from tests.multiprocess import (
+    WORLD,
+    process_group,
+    regression_batches,
+    sgd,
+    spawn,
+    train_on_shards,
+)
 
-WORLD = 2
 STEPS = 3
 WIDTH = 512  # 1 MiB weights: DDP's smallest bucket cap is 1 MiB, so each layer gets a bucket
 GLOBAL_BATCH = 16
-TIMEOUT_S = 240
 
 
 class _MLP(nn.Module):
@@ -44,29 +47,11 @@ class _MLP(nn.Module):
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, WIDTH, generator=gen),
-             torch.randn(GLOBAL_BATCH, WIDTH, generator=gen)) for _ in range(STEPS)]
-
-
-def _train(compiled: nn.Module, params, batches, rank: int = 0, world: int = 1):
-    opt = torch.optim.SGD(params, lr=0.05)
-    losses = []
-    per_rank = GLOBAL_BATCH // world
-    for x, y in batches:
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
-        loss = nn.functional.mse_loss(compiled(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
+    return regression_batches(STEPS, GLOBAL_BATCH, WIDTH)
 
 
 def _worker(rank: int, port: int, out: str, wrap: str, options: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)
         model = _MLP()
         options = {**options, "dump_dir": os.path.join(out, f"dump_{rank}")}
@@ -74,34 +59,18 @@ def _worker(rank: int, port: int, out: str, wrap: str, options: dict) -> None:
             compiled = torch.compile(DDP(model, bucket_cap_mb=1), backend="nm", options=options)
         else:  # DDP(torch.compile(model))
             compiled = DDP(torch.compile(model, backend="nm", options=options), bucket_cap_mb=1)
-        local = _train(compiled, model.parameters(), _batches(), rank, WORLD)
+        local = train_on_shards(compiled, sgd(model), _batches(), rank, WORLD)
         # the loss of the global batch: the mean of the ranks' losses (equal shards)
         dist.all_reduce(local)
         torch.save({"losses": local / WORLD, "state": model.state_dict(),
                     "masks": nmcompile.masks(model),
                     "counters": dict(torch._dynamo.utils.counters["nmcompile"])},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _spawn(out, wrap: str, options: dict) -> list[dict]:
-    """Run the 2-rank job; kill it and fail if it runs past ``TIMEOUT_S``."""
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out), wrap, options),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"2-rank DDP job did not finish in {TIMEOUT_S} s")
+    """Run the 2-rank job; what each rank saved."""
+    spawn(_worker, out, wrap, options)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -109,7 +78,7 @@ def _single_process(options: dict):
     torch.manual_seed(0)
     model = _MLP()
     compiled = torch.compile(model, backend="nm", options=options)
-    losses = _train(compiled, model.parameters(), _batches())
+    losses = train_on_shards(compiled, sgd(model), _batches())
     return model, losses
 
 
@@ -153,33 +122,25 @@ def test_ddp_two_ranks_match_single_process(tmp_path, wrap, options):
 
 
 def _worker_nccl(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port, backend="nccl"):
         torch.cuda.set_device(rank)
         torch.manual_seed(0)
         model = _MLP().cuda()
         compiled = torch.compile(DDP(model, bucket_cap_mb=1, device_ids=[rank]), backend="nm",
                                  options={"inductor": False})
         batches = [(x.cuda(), y.cuda()) for x, y in _batches()]
-        local = _train(compiled, model.parameters(), batches, rank, WORLD)
+        local = train_on_shards(compiled, sgd(model), batches, rank, WORLD)
         dist.all_reduce(local)
         torch.save({"losses": (local / WORLD).cpu(),
                     "masks": {k: v.cpu() for k, v in nmcompile.masks(model).items()}},
                    os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD,
                     reason=f"needs {WORLD} CUDA GPUs for the NCCL variant")
 def test_ddp_nccl_two_gpus_match_single_process(tmp_path):
-    ctx = mp.start_processes(_worker_nccl, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        assert time.monotonic() < deadline, "NCCL job timed out"
+    spawn(_worker_nccl, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     model, losses = _single_process({"inductor": False})
     for got in ranks:

@@ -9,27 +9,30 @@ one process training the same model, compiled the same way, on the whole global 
 from __future__ import annotations
 
 import os
-import socket
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import nmcompile
 from nmcompile import read_summary
 from nmcompile.config import DEFAULT_EXCLUDE
 from nmcompile.fallback import DenseFallbackWarning
+from tests.multiprocess import (
+    WORLD,
+    process_group,
+    regression_batches,
+    sgd,
+    spawn,
+    train_on_shards,
+)
 
-WORLD = 2
 STEPS = 3
 WIDTH = 64
 GLOBAL_BATCH = 16
-TIMEOUT_S = 240
 
 
 class Block(nn.Module):
@@ -78,21 +81,7 @@ SCENARIOS = {
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, WIDTH, generator=gen),
-             torch.randn(GLOBAL_BATCH, WIDTH, generator=gen)) for _ in range(STEPS)]
-
-
-def _train(compiled, params, batches, rank: int = 0, world: int = 1):
-    opt = torch.optim.SGD(params, lr=0.05)
-    per_rank = GLOBAL_BATCH // world
-    for x, y in batches:
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
-        loss = nn.functional.mse_loss(compiled(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return opt
+    return regression_batches(STEPS, GLOBAL_BATCH, WIDTH)
 
 
 def _build(layout: str, compiles: str, head: str, options: dict, shard: bool):
@@ -120,9 +109,7 @@ def _build(layout: str, compiles: str, head: str, options: dict, shard: bool):
 
 
 def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port):
         for i, name in enumerate(names):
             layout, compiles, head, options = SCENARIOS[name]
             dump = os.path.join(out, f"dump_{i}_{rank}")
@@ -131,7 +118,7 @@ def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
             model, compiled = _build(layout, compiles, head, options, shard=True)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                _train(compiled, model.parameters(), _batches(), rank, WORLD)
+                train_on_shards(compiled, sgd(model), _batches(), rank, WORLD)
             # every rank calls these (an all-gather per in-graph mask)
             found, stats = nmcompile.masks(model), nmcompile.stats(model)
             full = {k: v.full_tensor() for k, v in model.state_dict().items()}
@@ -142,28 +129,6 @@ def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
                                            if issubclass(w.category, DenseFallbackWarning)],
                         "dump": dump},
                        os.path.join(out, f"{i}_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn(worker, out: Path, *args, nprocs: int = WORLD) -> None:
-    """Run ``worker(rank, port, out, *args)`` on ``nprocs`` ranks; kill and fail past
-    ``TIMEOUT_S``."""
-    ctx = mp.start_processes(worker, args=(_free_port(), str(out), *args), nprocs=nprocs,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.kill()
-            pytest.fail(f"2-rank FSDP2 job did not finish in {TIMEOUT_S} s")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +145,7 @@ def _reference(name: str):
     layout, compiles, head, options = SCENARIOS[name]
     model, compiled = _build(layout, compiles, head, {"inductor": False, **options},
                              shard=False)
-    _train(compiled, model.parameters(), _batches())
+    train_on_shards(compiled, sgd(model), _batches())
     return model
 
 
@@ -254,16 +219,6 @@ RESUME_OPTIONS = {"inductor": False, "mask_interval": 2}
 RESUME_AT = 3
 
 
-def _steps(model, compiled, opt, batches, rank: int) -> None:
-    per_rank = GLOBAL_BATCH // WORLD
-    for x, y in batches:
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
-        loss = nn.functional.mse_loss(compiled(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 def _resume_worker(rank: int, port: int, out: str) -> None:
     """An uninterrupted run of RESUME_AT + 1 steps; a run stopped after RESUME_AT steps and
     checkpointed (model and optimizer with torch.distributed.checkpoint, masks with
@@ -272,11 +227,7 @@ def _resume_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    gen = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(GLOBAL_BATCH, WIDTH, generator=gen),
-                torch.randn(GLOBAL_BATCH, WIDTH, generator=gen)) for _ in range(RESUME_AT + 1)]
+    batches = regression_batches(RESUME_AT + 1, GLOBAL_BATCH, WIDTH, seed=2)
 
     def fresh():
         model, compiled = _build("blocks+root", "blocks-after", "head", RESUME_OPTIONS, True)
@@ -285,13 +236,13 @@ def _resume_worker(rank: int, port: int, out: str) -> None:
     def full(model):
         return {k: v.full_tensor() for k, v in model.state_dict().items()}
 
-    try:
+    with process_group(rank, port):
         model, compiled, opt = fresh()
-        _steps(model, compiled, opt, batches, rank)
+        train_on_shards(compiled, opt, batches, rank, WORLD)
         results = {"uninterrupted": full(model)}
 
         model, compiled, opt = fresh()
-        _steps(model, compiled, opt, batches[:RESUME_AT], rank)
+        train_on_shards(compiled, opt, batches[:RESUME_AT], rank, WORLD)
         state_model, state_optim = get_state_dict(model, opt)
         dcp.save({"model": state_model, "optim": state_optim}, checkpoint_id=f"{out}/ckpt")
         mask_state = nmcompile.mask_state_dict(model)  # full masks, the same on every rank
@@ -309,11 +260,9 @@ def _resume_worker(rank: int, port: int, out: str) -> None:
                            optim_state_dict=state["optim"])
             if load_masks:
                 nmcompile.load_mask_state_dict(model, torch.load(f"{out}/masks.pt"))
-            _steps(model, compiled, opt, batches[RESUME_AT:], rank)
+            train_on_shards(compiled, opt, batches[RESUME_AT:], rank, WORLD)
             results[label] = full(model)
         torch.save(results, os.path.join(out, f"resume_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_resumed_run_takes_the_uninterrupted_steps(tmp_path):
@@ -339,9 +288,7 @@ def _mixed_precision_worker(rank: int, port: int, out: str) -> None:
 
     from nmcompile.masking import compute_mask, record_of
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)
         model = Net()
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
@@ -349,7 +296,7 @@ def _mixed_precision_worker(rank: int, port: int, out: str) -> None:
             fully_shard(block, mp_policy=policy)
             block.compile(backend="nm", options={"inductor": False})
         fully_shard(model, mp_policy=policy)
-        _steps(model, model, torch.optim.SGD(model.parameters(), lr=0.05), _batches()[:2], rank)
+        train_on_shards(model, sgd(model), _batches()[:2], rank, WORLD)
         reported = nmcompile.masks(model)
         seen = {}
 
@@ -363,8 +310,6 @@ def _mixed_precision_worker(rank: int, port: int, out: str) -> None:
         with torch.no_grad():
             model(_batches()[2][0])
         torch.save({"reported": reported, "seen": seen}, os.path.join(out, f"mp_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_mixed_precision_masks_are_the_masks_of_the_bf16_weights(tmp_path):
@@ -378,9 +323,7 @@ def test_fsdp2_mixed_precision_masks_are_the_masks_of_the_bf16_weights(tmp_path)
 
 
 def _worker_nccl(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port, backend="nccl"):
         torch.cuda.set_device(rank)
         torch.manual_seed(0)
         from torch.distributed.fsdp import fully_shard
@@ -391,12 +334,10 @@ def _worker_nccl(rank: int, port: int, out: str) -> None:
             block.compile(backend="nm", options={"inductor": False})
         fully_shard(model)
         batches = [(x.cuda(), y.cuda()) for x, y in _batches()]
-        _train(model, model.parameters(), batches, rank, WORLD)
+        train_on_shards(model, sgd(model), batches, rank, WORLD)
         found = {k: v.cpu() for k, v in nmcompile.masks(model).items()}
         full = {k: v.full_tensor().cpu() for k, v in model.state_dict().items()}
         torch.save({"masks": found, "state": full}, os.path.join(out, f"nccl_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.cuda
@@ -409,7 +350,7 @@ def test_fsdp2_nccl_two_gpus_match_single_process(tmp_path):
     model = Net()
     for block in model.blocks:
         block.compile(backend="nm", options={"inductor": False})
-    _train(model, model.parameters(), _batches())
+    train_on_shards(model, sgd(model), _batches())
     ref = nmcompile.masks(model)
     for r in range(WORLD):
         got = torch.load(tmp_path / f"nccl_rank{r}.pt")
@@ -449,8 +390,7 @@ def _kernel_worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
     from tests.cslt_model import CusparseltModel
 
     cuda = torch.cuda.is_available()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      NMCOMPILE_CACHE_DIR=os.path.join(out, f"cache{rank}"))
+    os.environ["NMCOMPILE_CACHE_DIR"] = os.path.join(out, f"cache{rank}")
     if cuda:
         torch.cuda.set_device(rank)
     else:
@@ -460,8 +400,7 @@ def _kernel_worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
         torch._cslt_sparse_mm = model_of_library.sparse_mm
     cslt = _Counted()
     device = "cuda" if cuda else "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-    try:
+    with process_group(rank, port, world, "nccl" if cuda else "gloo"):
         results = {}
         for kernels in ("sparse", "emulate"):
             torch._dynamo.reset()
@@ -491,8 +430,6 @@ def _kernel_worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
                 "state": {k: v.full_tensor().cpu() for k, v in model.state_dict().items()},
                 "masks": used, "compressions": compressions, "calls": calls}
         torch.save(results, os.path.join(out, f"kernels_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _check_kernel_run(out: Path, world: int, mask_agreement: float) -> None:
@@ -538,9 +475,7 @@ def _tensor_parallel_worker(rank: int, port: int, out: str) -> None:
         parallelize_module,
     )
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, port):
         torch.manual_seed(0)
         block = parallelize_module(Block(), init_device_mesh("cpu", (WORLD,)),
                                    {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
@@ -552,8 +487,6 @@ def _tensor_parallel_worker(rank: int, port: int, out: str) -> None:
                                  if issubclass(w.category, DenseFallbackWarning)],
                     "counters": dict(torch._dynamo.utils.counters["nmcompile"])},
                    os.path.join(out, f"tp_rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_tensor_parallel_dtensor_parameters_train_dense_with_a_warning(tmp_path):
