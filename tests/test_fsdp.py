@@ -122,7 +122,9 @@ def _worker(rank: int, port: int, out: str, names: list[str]) -> None:
             # every rank calls these (an all-gather per in-graph mask)
             found, stats = nmcompile.masks(model), nmcompile.stats(model)
             full = {k: v.full_tensor() for k, v in model.state_dict().items()}
-            torch.save({"state": full, "masks": found,
+            applied = nmcompile.apply_masks(model)  # prunes each rank's shard
+            pruned = {k: v.full_tensor() for k, v in model.state_dict().items()}
+            torch.save({"state": full, "masks": found, "applied": applied, "pruned": pruned,
                         "refreshes": {k: s.refreshes for k, s in stats.items()},
                         "phases": {k: s.phase for k, s in stats.items()},
                         "dense_warnings": [str(w.message) for w in caught
@@ -183,6 +185,12 @@ def test_fsdp2_two_ranks_match_single_process(fsdp_runs, name):
             assert torch.equal(mask, ranks[0]["masks"][layer]), (r, layer)
             assert torch.equal(mask, ref_masks[layer]), (r, layer)
             assert 0.45 < mask.float().mean().item() <= 0.5, layer
+        # apply_masks: W <- W*M on every shard, the masks it returns are masks()
+        assert sorted(got["applied"]) == sorted(layers)
+        for key, value in got["state"].items():
+            mask = got["applied"].get(key)
+            expected = value if mask is None else value * mask
+            assert torch.equal(got["pruned"][key], expected), (r, key)
         assert got["refreshes"] == ref_refreshes, f"rank {r}"
         assert got["phases"] == ref_phases, f"rank {r}"
         assert not got["dense_warnings"], got["dense_warnings"]
