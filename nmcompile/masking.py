@@ -126,7 +126,8 @@ class MaskRecord:
     version: tuple[int, int] | None = None  # the weight's state when last seen (weight_token)
     epoch: int = 0
     packs: dict[tuple[torch.dtype, bool], Pack] = field(default_factory=dict)
-    sample: torch.Tensor | None = None  # a sample of the weight at the last checked call
+    #: ``(weight_token, sample of the weight)`` at the last checked call
+    sample: tuple[tuple[int, int], torch.Tensor] | None = None
     high_flips: int = 0  # consecutive stats() readings with a flip rate above the warning
 
 

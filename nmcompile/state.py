@@ -102,11 +102,14 @@ def _sample(param: torch.Tensor) -> torch.Tensor:
 
 
 def _check_unseen(name: str, record: MaskRecord, param: torch.Tensor) -> None:
-    """Warn (once per parameter) if ``param`` changed since the last call with no step seen."""
-    sample = _sample(param)
-    previous, record.sample = record.sample, sample
-    if (previous is None or param in _UNSEEN or record.version != weight_token(param)
-            or torch.equal(previous, sample)):
+    """Warn (once per parameter) if ``param`` changed since the last checked call although its
+    :func:`weight_token` did not (the sample is compared only with one taken at the same
+    token: calls of other graphs, which may not check, can step the record in between)."""
+    if param in _UNSEEN:
+        return
+    token, sample = weight_token(param), _sample(param)
+    previous, record.sample = record.sample, (token, sample)
+    if previous is None or previous[0] != token or torch.equal(previous[1], sample):
         return
     _UNSEEN[param] = 0
     warnings.warn(

@@ -142,3 +142,40 @@ def test_compressed_weights_follow_writes_outside_any_optimizer(cslt):
                                        atol=2e-2)
             lin.weight.data.mul_(-1.5)
     assert cslt.mm_calls == 3
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(40, 96)
+        self.down = nn.Linear(96, 40)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("options", [{"mask_interval": 2},
+                                     {"transposable_method": "greedy"}],
+                         ids=["interval2", "greedy"])
+def test_graphs_that_stop_checking_do_not_fool_the_ones_still_checking(options):
+    """One block graph compiled per block class serves 2 blocks, and a no_grad graph runs after
+    every step: the no_grad graph's bank stops sampling after its first calls while it keeps
+    counting steps, which must not make the training graph's next sampled check see a change
+    without a step (a spurious warning, and masks refreshed at every call from then on)."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(_Block(), _Block())
+    for block in blocks:
+        block.compile(backend="nm", options={"inductor": False, **options})
+    opt = torch.optim.SGD(blocks.parameters(), lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(4):
+            blocks(torch.randn(8, 40)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            with torch.no_grad():
+                blocks(torch.randn(8, 40))
+    # refreshed at steps 0 and 2 and at the no_grad call after step 3 (interval 2), or once
+    # per step (interval 1)
+    expected = 3 if options.get("mask_interval") == 2 else 5
+    assert {s.refreshes for s in nmcompile.stats(blocks).values()} == {expected}
