@@ -49,8 +49,8 @@ REASON = ("no nm graph reads it: the code that uses it ran eagerly (Dynamo skipp
           "fully_shard module's call): it trains DENSE")
 _FSDP_HINT = (" Under fully_shard on blocks that forward() calls in a loop, Dynamo runs that "
               "forward eagerly: shard only the root (fully_shard(model)), call the blocks "
-              "without a loop, or keep these layers dense on purpose (options exclude=[...]), "
-              "which also silences this warning.")
+              "without a loop (one by one, or as one nn.Sequential), or keep these layers "
+              "dense on purpose (options exclude=[...]), which also silences this warning.")
 
 _READ: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensors some nm graph was called with
 _ROOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [config, checked]
@@ -90,6 +90,14 @@ def unread(root: nn.Module, config: NMConfig) -> dict[str, str]:
     return found
 
 
+def _class_name(module: nn.Module) -> str:
+    """The user's class of ``module`` (not the subclass ``fully_shard`` swaps in)."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("torch.distributed"):
+            return cls.__name__
+    return type(module).__name__
+
+
 def _on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for root, entry in list(_ROOTS.items()):
         config, checked = entry
@@ -105,7 +113,7 @@ def _on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             continue
         sharded = any(fsdp.is_sharded(p) for p in root.parameters())
         warnings.warn(
-            f"nmcompile: {len(found)} weight(s) of the {type(root).__name__} compiled with "
+            f"nmcompile: {len(found)} weight(s) of the {_class_name(root)} compiled with "
             f"backend='nm' were read by no nm graph and train DENSE: {sorted(found)}. The code "
             "that uses them ran eagerly (Dynamo skipped its frame, e.g. for a graph break "
             "inside a loop)." + (_FSDP_HINT if sharded else

@@ -400,6 +400,10 @@ def masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     Empty until the compiled model has run once (compilation happens at the first call);
     a weight whose last call ran in a dense phase of the schedule (``sparse_start``,
     ``sparse_stop``) has no mask in use and is left out.
+
+    On an FSDP2 (``fully_shard``) model the keys are the sharded model's names and the masks
+    are full-shape plain tensors, equal on every rank; this is a collective (a mask the graph
+    computes itself is recomputed from the all-gathered full weight): call it on every rank.
     """
     return {name: _current(param, record) for name, param, key, record in _named_records(model)
             if phase_of(key) in (None, "sparse")}
@@ -466,7 +470,7 @@ def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     Masks solved outside the graph report their latest refresh. Masks the graph recomputes
     at every step report the current mask, with the flip rate measured against the mask seen
     at the previous ``stats()`` call. A flip rate that stays above :data:`FLIP_WARN` is warned
-    about once (``RuntimeWarning``).
+    about once (``RuntimeWarning``). On an FSDP2 model, a collective, as :func:`masks`.
     """
     out = {}
     for name, param, key, record in _named_records(model):
@@ -494,7 +498,9 @@ def mask_state_dict(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
     """The mask state to checkpoint beside ``model.state_dict()``.
 
     Restoring it with :func:`load_mask_state_dict` makes a resumed run take the same next step
-    as an uninterrupted one, including mid-interval with ``mask_interval > 1``.
+    as an uninterrupted one, including mid-interval with ``mask_interval > 1``. On an FSDP2
+    model, a collective, as :func:`masks`; its masks are full-shape and equal on every rank
+    (save them from one rank; load them on every rank).
     """
     state = {}
     for name, param, key, record in _named_records(model):
@@ -510,7 +516,8 @@ def mask_state_dict(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def load_mask_state_dict(model: torch.nn.Module, state: Mapping[str, Mapping[str, Any]]) -> None:
-    """Restore :func:`mask_state_dict` output; before or after the model is first compiled."""
+    """Restore :func:`mask_state_dict` output, before the first step of the resumed run (before
+    or after the model is first compiled)."""
     params = dict(getattr(model, "_orig_mod", model).named_parameters())
     unknown = sorted(set(state) - set(params))
     if unknown:
