@@ -36,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import coverage, fsdp
 from .config import NMConfig
 from .dump import GraphDump
-from .fallback import DenseFallbackWarning
+from .fallback import DenseFallbackWarning, user_stacklevel
 from .fallback import install as watch_eager_fallback
 from .kernels import autocast_dtypes, packing_dtype
 from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
@@ -99,7 +99,7 @@ def _without_dtensors(params: list[GraphInput], example_inputs: Sequence[Any]) -
         f"nmcompile: {found} are DTensor parameters inside the compiled graph (tensor "
         "parallelism?); nmcompile masks plain parameters only, so this graph trains DENSE. "
         "FSDP2 (fully_shard) alone is supported: its graphs read the unsharded weights.",
-        DenseFallbackWarning, stacklevel=2)
+        DenseFallbackWarning, stacklevel=user_stacklevel())
     for p in params:
         coverage.note_read(example_inputs[p.position])
     return []

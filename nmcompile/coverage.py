@@ -35,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import fsdp
 from .config import NMConfig
 from .dump import write_unread
-from .fallback import DenseFallbackWarning
+from .fallback import DenseFallbackWarning, user_stacklevel
 from .masking import record_of
 from .schedule import phase_of
 
@@ -118,6 +118,6 @@ def _on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             "that uses them ran eagerly (Dynamo skipped its frame, e.g. for a graph break "
             "inside a loop)." + (_FSDP_HINT if sharded else
                                  " TORCH_LOGS=graph_breaks shows the skipped frames."),
-            DenseFallbackWarning, stacklevel=3)
+            DenseFallbackWarning, stacklevel=user_stacklevel())
         if config.dump_dir:
             write_unread(config.dump_dir, found, config.to_dict())

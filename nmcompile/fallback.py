@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DenseFallbackWarning", "install"]
+__all__ = ["DenseFallbackWarning", "install", "user_stacklevel"]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _on_limit(error: Exception, args: dict[str, Any]) -> None:
         f"between calls with torch._dynamo.mark_dynamic(tensor, dim), or raise "
         f"torch._dynamo.config.{limit_type}.",
         DenseFallbackWarning,
-        stacklevel=_user_stacklevel(),
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -177,7 +177,7 @@ def _describe(code: Any, f_locals: dict[str, Any]) -> str:
     return f"{name} ({code.co_filename}:{code.co_firstlineno})"
 
 
-def _user_stacklevel() -> int:
+def user_stacklevel() -> int:
     """The ``stacklevel`` that points the warning at the first caller outside torch and
     nmcompile: the user's call of the compiled function."""
     frame, level = sys._getframe(1), 1  # stacklevel=1 is the function that calls warn

@@ -506,3 +506,63 @@ def test_tensor_parallel_dtensor_parameters_train_dense_with_a_warning(tmp_path)
         assert len(got["warnings"]) == 1, got["warnings"]
         assert "'fc1.weight'" in got["warnings"][0] and "trains DENSE" in got["warnings"][0]
         assert not got["counters"].get("forward_sparse")
+
+
+def _gpt2(shard: bool):
+    """A small Hugging Face GPT-2 (its Conv1D weights are ``[in, out]``), each block compiled
+    with masks refreshed every 2 steps, sharded per block and at the root if ``shard``."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2,
+                                       n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+                                       attn_pdrop=0.0))
+    model.loss_type = "ForCausalLM"  # else a warning inside forward breaks the graph
+    for block in model.transformer.h:
+        block.compile(backend="nm", options={"inductor": False, "mask_interval": 2})
+        if shard:
+            fully_shard(block)
+    if shard:
+        fully_shard(model)
+    return model
+
+
+def _train_gpt2(model, rank: int = 0, world: int = 1) -> None:
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(STEPS):
+        tokens = torch.randint(0, 256, (8, 32), generator=gen)
+        tokens = tokens[rank * 8 // world:(rank + 1) * 8 // world]
+        loss = model(tokens, labels=tokens).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _gpt2_worker(rank: int, port: int, out: str) -> None:
+    with process_group(rank, port):
+        model = _gpt2(shard=True)
+        _train_gpt2(model, rank, WORLD)
+        found = nmcompile.masks(model)
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        torch.save({"masks": found, "state": full}, os.path.join(out, f"gpt2_rank{rank}.pt"))
+
+
+def test_fsdp2_hugging_face_gpt2_matches_single_process(tmp_path):
+    pytest.importorskip("transformers")
+    spawn(_gpt2_worker, tmp_path)
+    model = _gpt2(shard=False)
+    _train_gpt2(model)
+    ref = nmcompile.masks(model)
+    assert len(ref) == 8  # 2 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"gpt2_rank{r}.pt")
+        assert sorted(got["masks"]) == sorted(ref)
+        for name, mask in ref.items():
+            assert torch.equal(got["masks"][name], mask), (r, name)
+        for key, value in model.state_dict().items():
+            if key in got["state"]:  # the tied lm_head.weight is transformer.wte.weight
+                torch.testing.assert_close(got["state"][key], value, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m, k=key, r=r: f"rank {r} {k}: {m}")
