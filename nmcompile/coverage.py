@@ -53,7 +53,8 @@ _FSDP_HINT = (" Under fully_shard on blocks that forward() calls in a loop, Dyna
               "dense on purpose (options exclude=[...]), which also silences this warning.")
 
 _READ: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensors some nm graph was called with
-_ROOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> [config, checked]
+_WATCHED: weakref.WeakSet = weakref.WeakSet()  # modules checked or to be checked
+_PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its config
 _hook: Any = None
 
 
@@ -65,9 +66,10 @@ def note_read(param: torch.Tensor) -> None:
 def watch(root: nn.Module | None, config: NMConfig) -> None:
     """Check ``root`` (the module ``torch.compile`` was applied to) at the next optimizer step."""
     global _hook
-    if root is None or root in _ROOTS:
+    if root is None or root in _WATCHED:
         return
-    _ROOTS[root] = [config, False]
+    _WATCHED.add(root)
+    _PENDING[root] = config
     if _hook is None:
         _hook = register_optimizer_step_post_hook(_on_step)
 
@@ -99,11 +101,8 @@ def _class_name(module: nn.Module) -> str:
 
 
 def _on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for root, entry in list(_ROOTS.items()):
-        config, checked = entry
-        if checked:
-            continue
-        entry[1] = True
+    while _PENDING:
+        root, config = _PENDING.popitem()
         try:
             found = unread(root, config)
         except Exception:  # noqa: BLE001 - a check must never stop training

@@ -30,15 +30,13 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["fqn", "full_weight", "graph_param", "is_sharded", "shard_like", "sharded_param",
-           "version"]
+__all__ = ["fqn", "full_weight", "graph_param", "is_sharded", "shard_like", "sharded_param"]
 
 _FULLY_SHARD = "torch.distributed.fsdp._fully_shard._fsdp_state"
 _BY_UNSHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # unsharded param -> FSDPParam
 _BY_SHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # sharded param -> FSDPParam
 _NOT_UNSHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # looked up, found in no state
 _NOT_SHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_indexed_states: int = -1  # how many FSDP states the maps were last built from
 
 
 def _in_use() -> bool:
@@ -64,15 +62,9 @@ def _fsdp_params() -> list[Any]:
     return found
 
 
-def _index(force: bool = False) -> None:
-    """(Re)build the maps when states were added (or ``force``: a parameter was replaced)."""
-    global _indexed_states
-    from torch.distributed import _composable_state
-
-    count = len(_composable_state._module_state_mapping)
-    if count == _indexed_states and not force:
-        return
-    _indexed_states = count
+def _index() -> None:
+    """Rebuild the maps from every live ``fully_shard`` state (after a miss: an unsharded copy
+    made since, a state added, or a parameter replaced by ``load_state_dict(assign=True)``)."""
     for fsdp_param in _fsdp_params():
         sharded = getattr(fsdp_param, "sharded_param", None)
         if sharded is not None:
@@ -92,9 +84,6 @@ def _lookup(table: WeakIdKeyDictionary, param: torch.Tensor) -> Any:
     if found is None:
         _index()
         found = table.get(param)
-        if found is None:
-            _index(force=True)  # an unsharded copy made since, or a parameter replaced
-            found = table.get(param)
         if found is None:
             missing[param] = True
     return found
@@ -122,12 +111,6 @@ def sharded_param(param: torch.Tensor) -> torch.Tensor | None:
     ``None`` if ``param`` is no ``fully_shard`` unsharded parameter."""
     fsdp_param = _lookup(_BY_UNSHARDED, param)
     return None if fsdp_param is None else fsdp_param.sharded_param
-
-
-def version(param: torch.Tensor) -> int:
-    """The version counter of a sharded parameter: the ``DTensor``'s own, which in-place updates
-    (an optimizer's, ``copy_``) bump; its local shard's counter does not move."""
-    return param._version
 
 
 def fqn(param: torch.Tensor) -> str | None:

@@ -83,8 +83,8 @@ def weight_token(param: torch.Tensor) -> tuple[int, int]:
         _UNSEEN[param] += 1
         return param._version, -_UNSEEN[param]
     owner = fsdp.sharded_param(param)
-    if owner is not None:
-        return fsdp.version(owner), _OPTIMIZER_STEPS.get(owner, 0)
+    if owner is not None:  # its DTensor version counter moves with in-place updates
+        param = owner
     return param._version, _OPTIMIZER_STEPS.get(param, 0)
 
 

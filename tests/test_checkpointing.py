@@ -96,6 +96,15 @@ def _mlp_run():
     return run, x
 
 
+def _checkpointed(model_kind: str):
+    """A checkpointed model (``gpt``, ``mlp`` or ``mlp_selective``) and the step that runs it."""
+    torch.manual_seed(0)
+    if model_kind == "gpt":
+        cfg = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=2)
+        return CheckpointedGPT(cfg), _gpt_run(cfg)[0]
+    return CheckpointedMlp(selective=model_kind == "mlp_selective"), _mlp_run()[0]
+
+
 @pytest.mark.parametrize("model_kind, options", [
     ("gpt", {}), ("mlp", {}), ("mlp_selective", {}),
     ("gpt", {"mask_interval": 2}),  # masks solved outside the graph: graph inputs
@@ -107,14 +116,7 @@ def test_checkpointed_regions_save_what_the_original_saves(tmp_path, model_kind,
     with the same partitioner and no rewrite; the rewritten forward GEMMs are recomputed in
     the backward (their ``nm.linear_forward`` appears there), and the gradients are those of
     the masked fp64 reference (plus the masked decay, where set)."""
-    torch.manual_seed(0)
-    if model_kind == "gpt":
-        cfg = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=2)
-        model = CheckpointedGPT(cfg)
-        run, _ = _gpt_run(cfg)
-    else:
-        model = CheckpointedMlp(selective=model_kind == "mlp_selective")
-        run, _ = _mlp_run()
+    model, run = _checkpointed(model_kind)
     reference, _ = _saved(model, run, default_partition_backend())
     model.zero_grad(set_to_none=True)
     saved, loss = _saved(model, run, "nm",
@@ -150,14 +152,7 @@ def test_checkpointed_regions_save_what_the_original_saves(tmp_path, model_kind,
 @pytest.mark.parametrize("model_kind", ["gpt", "mlp_selective"])
 def test_checkpointed_regions_under_inductor_save_what_inductor_saves(model_kind):
     """Inductor (min-cut partitioner): the same saved activations as ``backend="inductor"``."""
-    torch.manual_seed(0)
-    if model_kind == "gpt":
-        cfg = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=2)
-        model = CheckpointedGPT(cfg)
-        run, _ = _gpt_run(cfg)
-    else:
-        model = CheckpointedMlp(selective=True)
-        run, _ = _mlp_run()
+    model, run = _checkpointed(model_kind)
     reference, _ = _saved(model, run, "inductor")
     saved, _ = _saved(model, run, "nm", {"inductor": True})
     assert saved.sizes() == reference.sizes()

@@ -100,13 +100,18 @@ def test_sparse_kernels_switch_too(cslt):
     assert calls == [0, 3, 3, 0, 0]  # forward x2 + grad-input of fc2 in the sparse steps
 
 
-def test_regional_compilation_switches_every_block():
+def _compiled_blocks(sparse_stop: int):
+    """3 blocks, each compiled on its own (regional compilation), and their optimizer."""
     torch.manual_seed(0)
     blocks = nn.ModuleList(Mlp() for _ in range(3))
     for block in blocks:
         block.compile(backend="nm", options={"inductor": False, "min_numel": 0,
-                                             "sparse_stop": 2})
-    opt = torch.optim.SGD(blocks.parameters(), lr=0.1)
+                                             "sparse_stop": sparse_stop})
+    return blocks, torch.optim.SGD(blocks.parameters(), lr=0.1)
+
+
+def test_regional_compilation_switches_every_block():
+    blocks, opt = _compiled_blocks(sparse_stop=2)
     x = torch.randn(8, 32, requires_grad=True)
     for _ in range(3):
         h = x
@@ -121,12 +126,7 @@ def test_regional_compilation_switches_every_block():
 
 
 def test_every_block_is_pruned_at_its_own_first_dense_call():
-    torch.manual_seed(0)
-    blocks = nn.ModuleList(Mlp() for _ in range(3))
-    for block in blocks:
-        block.compile(backend="nm", options={"inductor": False, "min_numel": 0,
-                                             "sparse_stop": 1})
-    opt = torch.optim.SGD(blocks.parameters(), lr=0.1)
+    blocks, opt = _compiled_blocks(sparse_stop=1)
     x = torch.randn(8, 32, requires_grad=True)
     h = x
     for block in blocks:
