@@ -39,3 +39,17 @@ def assert_grads_match(model: nn.Module, ref: nn.Module, rtol: float = 1e-4,
                                    msg=lambda m, n=name: f"grad of {n}: {m}")
         checked += 1
     assert checked > 0
+
+
+def check_against_masked_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                                   cotangent: torch.Tensor,
+                                   masks: dict[str, torch.Tensor]) -> None:
+    """``y = compiled(x)`` and the gradients of ``(y * cotangent).sum()`` (already taken, into
+    ``x.grad`` and the parameters' ``.grad``) equal the fp64 masked reference's."""
+    ref = masked_reference(model, masks)
+    xr = x.detach().double().requires_grad_()
+    yr = ref(xr)
+    (yr * cotangent.double()).sum().backward()
+    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
+    assert_grads_match(model, ref)

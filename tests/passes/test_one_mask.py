@@ -16,7 +16,10 @@ from torch import nn
 
 import nmcompile
 from nmcompile import read_summary
-from tests.reference import assert_grads_match, masked_reference
+from tests.reference import (
+    check_against_masked_reference,
+    masked_reference,
+)
 
 ROWWISE = {"forward": "rowwise", "grad_input": "dense"}
 
@@ -29,16 +32,6 @@ def _step(model, x, tmp_path, **options):
     cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     (y * cotangent).sum().backward()
     return x, y, cotangent, nmcompile.masks(model), read_summary(tmp_path)["matmuls"]
-
-
-def _check_numerics(model, x, y, cotangent, masks):
-    ref = masked_reference(model, masks)
-    xr = x.detach().double().requires_grad_()
-    yr = ref(xr)
-    (yr * cotangent.double()).sum().backward()
-    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
-    assert_grads_match(model, ref)
 
 
 def _rows_of(rows, param):
@@ -77,7 +70,7 @@ def test_rowwise_mask_cannot_serve_both_orientations(tmp_path, decoder_first):
     assert forward[1]["reason"].endswith("dense GEMM on the masked weight")
     assert all("masked weight" in r["became"] for r in _rows_of(rows, "w")
                if r["role"] == "grad_input")
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 def test_transposable_mask_serves_both_orientations(tmp_path):
@@ -86,7 +79,7 @@ def test_transposable_mask_serves_both_orientations(tmp_path):
     x, y, cot, masks, rows = _step(model, torch.randn(8, 64), tmp_path)
     gemms = [r for r in _rows_of(rows, "w") if r["role"] in ("forward", "grad_input")]
     assert len(gemms) == 4 and all(r["sparse"] for r in gemms)
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 class OtherReads(nn.Module):
@@ -145,7 +138,7 @@ def test_every_other_read_of_a_masked_weight_reads_the_masked_weight(tmp_path, h
         assert "computes densely with the masked weight" in row["reason"]
     if how == "slice":
         assert any("through a slice (rows 0:32)" in r["reason"] for r in reads)
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 # -- a parameter only read through slices: dense everywhere, the reason names the slice -----
@@ -189,7 +182,7 @@ def test_weight_read_only_through_slices_stays_dense_and_says_which(tmp_path, ho
     assert f"matmul reads parameter w through {first}; only a 2-D weight, transposed or cast, " \
            "is rewritten" in reasons, reasons
     assert not any("both operands are activations" in r for r in reasons)
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 # -- across graphs: the mask an earlier graph chose ------------------------------------------

@@ -15,7 +15,11 @@ from torch._dynamo.utils import counters
 
 import nmcompile
 from nmcompile import read_summary
-from tests.reference import assert_grads_match, masked_reference
+from tests.reference import (
+    assert_grads_match,
+    check_against_masked_reference,
+    masked_reference,
+)
 
 
 def _step(model, x, tmp_path, **options):
@@ -27,16 +31,6 @@ def _step(model, x, tmp_path, **options):
     cotangent = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     (y * cotangent).sum().backward()
     return x, y, cotangent, nmcompile.masks(model), read_summary(tmp_path)
-
-
-def _check_numerics(model, x, y, cotangent, masks):
-    ref = masked_reference(model, masks)
-    xr = x.detach().double().requires_grad_()
-    yr = ref(xr)
-    (yr * cotangent.double()).sum().backward()
-    torch.testing.assert_close(y.double(), yr, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-5)
-    assert_grads_match(model, ref)
 
 
 def _rows(summary, role):
@@ -83,7 +77,7 @@ def test_linear_stack_all_gemms_rewritten(tmp_path, bias, shape):
         "forward_sparse": 2, "grad_input_sparse": 2, "grad_weight_dense": 2,
     }
     _assert_graph_ops(tmp_path, n_forward=2, n_grad_input=2)
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 def test_masks_are_transposable_2_4(tmp_path):
@@ -131,7 +125,7 @@ def test_functional_forms(tmp_path, forward):
         assert all(not r["sparse"] and "grad_input='dense'" in r["reason"] for r in rows)
     else:
         _assert_all_sparse(summary, names, roles=("grad_input",))
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 class WeightOnLeft(nn.Module):
@@ -148,7 +142,7 @@ def test_weight_as_left_operand(tmp_path):
     model = WeightOnLeft()
     x, y, cot, masks, summary = _step(model, torch.randn(12, 16), tmp_path)
     _assert_all_sparse(summary, ["w"])
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 @pytest.mark.parametrize("n, m", [(1, 4), (4, 8), (1, 2)])
@@ -163,7 +157,7 @@ def test_other_ratios(tmp_path, n, m):
     if m > 4:
         assert summary["config"]["forward"] == "rowwise"
         assert not any(r["sparse"] for r in _rows(summary, "grad_input"))
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 def test_mask_recomputed_every_step(tmp_path):
@@ -225,7 +219,7 @@ def test_ineligible_matmuls_stay_dense_with_reasons(tmp_path):
     gi = {r["param"]: r for r in _rows(summary, "grad_input")}
     assert gi["good.weight"]["sparse"]
     assert gi["odd.weight"]["reason"] == "forward GEMM of this parameter stays dense"
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 class IntLinear(nn.Module):
@@ -370,7 +364,7 @@ def test_layer_filter(tmp_path, options, sparse):
         assert row["sparse"] == (name in sparse), name
         if name not in sparse:
             assert any(w in row["reason"] for w in ("excluded", "include", "param_filter"))
-    _check_numerics(model, x, y, cot, masks)
+    check_against_masked_reference(model, x, y, cot, masks)
 
 
 def _fst_reference_dw(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
