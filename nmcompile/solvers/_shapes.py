@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["as_matrix", "check_ratio", "check_tiles"]
+__all__ = ["as_matrix", "check_ratio", "check_tiles", "ranking_magnitude"]
+
+
+def ranking_magnitude(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``|w|`` in ``dtype`` as every solver ranks it: NaN and +-Inf count as the dtype's largest
+    finite value, so a non-finite weight is kept like the largest ones (a diverged weight shows
+    in the outputs, as a dense step shows it, instead of being masked away) and every sum of
+    magnitudes stays finite. A fresh contiguous tensor (one copy of ``w``)."""
+    largest = torch.finfo(dtype).max
+    magnitude = w.detach().to(dtype, copy=True, memory_format=torch.contiguous_format).abs_()
+    return magnitude.nan_to_num_(nan=largest, posinf=largest)
 
 
 def check_ratio(n: int, m: int) -> None:

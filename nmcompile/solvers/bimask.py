@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from ortools.graph.python import linear_sum_assignment
 
-from ._shapes import as_matrix, check_ratio
+from ._shapes import as_matrix, check_ratio, ranking_magnitude
 from .nm import nm_mask
 
 __all__ = ["BiMask", "bimask"]
@@ -86,7 +86,7 @@ def bimask(
         if forward_mask.shape != w.shape:
             raise ValueError(f"forward_mask shape {tuple(forward_mask.shape)} != {tuple(w.shape)}")
         fwd = as_matrix(forward_mask).bool()
-    value = torch.nan_to_num(w2d.abs().double(), nan=0.0, posinf=1e30) * fwd
+    value = ranking_magnitude(w2d, torch.float64).clamp_(max=1e30) * fwd
     value = value.cpu()
     perm = _random_search(value, n, m, candidates, generator)
     if method == "optimized":

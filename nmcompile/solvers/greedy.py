@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._shapes import as_matrix, check_ratio, check_tiles
+from ._shapes import as_matrix, check_ratio, check_tiles, ranking_magnitude
 
 __all__ = ["transposable_mask_greedy"]
 
@@ -25,8 +25,9 @@ def transposable_mask_greedy(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Greedy (2-approximate) transposable mask: at most ``n`` per row and column of each tile.
 
     Tile ``(i, j)`` is ``w[i*m:(i+1)*m, j*m:(j+1)*m]``. Ties are broken by position
-    (row-major within the tile); NaN counts as zero magnitude and +-Inf as the largest, so
-    the result is always admissible. Weights with more than two dims are flattened as in
+    (row-major within the tile); NaN and +-Inf count as the largest finite magnitude
+    (:func:`nmcompile.solvers._shapes.ranking_magnitude`), so the result is always
+    admissible. Weights with more than two dims are flattened as in
     :func:`nmcompile.solvers._shapes.as_matrix`; the mask has ``w``'s shape.
     """
     check_ratio(n, m)
@@ -36,8 +37,7 @@ def transposable_mask_greedy(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     dev = w.device
     cells, n_tiles = m * m, (rows // m) * (cols // m)
     tiles = w2d.detach().reshape(rows // m, m, cols // m, m).permute(0, 2, 1, 3)
-    tiles = tiles.to(torch.float32, copy=True, memory_format=torch.contiguous_format)
-    tiles = tiles.view(n_tiles, cells).abs_().nan_to_num_(nan=0.0)
+    tiles = ranking_magnitude(tiles).view(n_tiles, cells)
     ranked = tiles.sort(dim=1, descending=True, stable=True).indices
     del tiles
     # Step-major copy of the ranks in the smallest dtype that holds a cell index.

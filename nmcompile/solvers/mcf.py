@@ -30,7 +30,7 @@ from ._shapes import as_matrix, check_ratio, check_tiles
 
 __all__ = ["COST_LEVELS", "TILES_PER_SOLVE", "magnitude_costs", "transposable_mask_mcf"]
 
-#: Integer cost given to the largest finite magnitude (and to +-Inf); 2**30 keeps a relative
+#: Integer cost given to the largest finite magnitude (and to NaN, +-Inf); 2**30 keeps a relative
 #: resolution of ~1e-9 while every path cost, times OR-Tools' cost-scaling factor
 #: (number of nodes + 1), stays far below 2**63.
 COST_LEVELS = 1 << 30
@@ -46,9 +46,9 @@ def magnitude_costs(magnitude: np.ndarray, levels: int = COST_LEVELS) -> np.ndar
 
     The scale is relative to the largest *finite* magnitude, so multiplying the weight by a
     positive constant (1e-6, 1e6) leaves the costs unchanged up to floating-point rounding
-    of the ratio. NaN counts as zero; +-Inf gets ``levels`` (tied with the largest finite
-    value) so that it is kept preferentially without overflowing the integer costs. An
-    all-zero (or all-NaN) input gives all-zero costs.
+    of the ratio. NaN and +-Inf get ``levels`` (tied with the largest finite value), so that
+    a non-finite weight is kept like the largest ones without overflowing the integer costs.
+    An all-zero input gives all-zero costs.
     """
     mag = np.abs(np.asarray(magnitude, dtype=np.float64))
     finite = np.isfinite(mag)
@@ -58,8 +58,7 @@ def magnitude_costs(magnitude: np.ndarray, levels: int = COST_LEVELS) -> np.ndar
 
 def _scaled_costs(mag: np.ndarray, top: float, levels: int) -> np.ndarray:
     """:func:`magnitude_costs` of non-negative ``mag`` given its largest finite value ``top``."""
-    mag = np.where(np.isnan(mag), 0.0, mag)
-    finite = np.isfinite(mag)
+    finite = np.isfinite(mag)  # NaN and +-Inf alike
     if top > 0.0:
         scaled = np.where(finite, mag / top, 1.0) * levels
     else:

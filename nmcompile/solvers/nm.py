@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._shapes import check_ratio
+from ._shapes import check_ratio, ranking_magnitude
 
 __all__ = ["nm_mask"]
 
@@ -22,8 +22,9 @@ def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
     Groups are ``m`` consecutive elements along the last dim, which must be a multiple of
     ``m``. Exactly ``n`` entries of every group are kept (ties broken by ``torch.topk``); NaN
-    entries count as zero magnitude, so a NaN never displaces a finite weight and the result
-    is always a valid N:M pattern.
+    and +-Inf entries count as the largest finite magnitude
+    (:func:`nmcompile.solvers._shapes.ranking_magnitude`): a diverged weight is kept, and
+    shows in the outputs as a dense step would show it.
     """
     check_ratio(n, m)
     if w.dim() < 1 or w.shape[-1] % m:
@@ -31,7 +32,7 @@ def nm_mask(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"shape {tuple(w.shape)}: the last dim must be a multiple of m={m} for {n}:{m} groups"
         )
     groups = w.detach().reshape(*w.shape[:-1], w.shape[-1] // m, m)
-    magnitude = torch.nan_to_num(groups.abs().float(), nan=0.0)
+    magnitude = ranking_magnitude(groups)
     keep = magnitude.topk(n, dim=-1).indices
     mask = torch.zeros(groups.shape, dtype=torch.bool, device=w.device).scatter(-1, keep, True)
     return mask.reshape(w.shape)

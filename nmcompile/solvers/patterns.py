@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import native
-from ._shapes import as_matrix, check_ratio, check_tiles
+from ._shapes import as_matrix, check_ratio, check_tiles, ranking_magnitude
 
 __all__ = [
     "MAX_PATTERN_M",
@@ -247,7 +247,7 @@ def _best_24(a: list[list[torch.Tensor]], at_most: bool) -> tuple[Code, Code]:
 def _mask_24(w2d: torch.Tensor, score_dtype: torch.dtype, exact_n: bool) -> torch.Tensor:
     rows, cols = w2d.shape
     tiles = w2d.detach().reshape(rows // 4, 4, cols // 4, 4)
-    planes = [[tiles[:, r, :, c].abs().to(score_dtype).nan_to_num_(nan=0.0) for c in range(4)]
+    planes = [[ranking_magnitude(tiles[:, r, :, c], score_dtype) for c in range(4)]
               for r in range(4)]
     halves = []
     for code in _best_24(planes, at_most=not exact_n):
@@ -355,14 +355,15 @@ def _element_scores(w2d: torch.Tensor, n: int, m: int) -> torch.Tensor:
     product is exact) and rounded up; every non-zero, subnormals included, is at least 1
     (also where denormals are flushed to zero). Integer ops on the bit patterns and a
     power-of-two product: the same integers in eager mode, under Inductor, on any device and in
-    the C kernel. NaN counts as zero and +-Inf as the dtype's largest finite value.
+    the C kernel. NaN and +-Inf count as the dtype's largest finite value: a non-finite weight
+    is kept like the largest one, so a diverged weight shows in the outputs as a dense step
+    would show it.
     """
     rows, cols = w2d.shape
     dtype = _magnitude_dtype(w2d.dtype)
     itype, _, mantissa, bias = _FORMATS[dtype]
     bits = score_bits(n, m, dtype)
-    magnitude = torch.nan_to_num(w2d.detach().abs().to(dtype), nan=0.0,
-                                 posinf=torch.finfo(dtype).max)
+    magnitude = ranking_magnitude(w2d, dtype)
     tiles = magnitude.view(rows // m, m, cols // m, m)
     raw = tiles.view(itype)  # non-negative floats order like their bit patterns
     exponent = raw.amax(dim=(1, 3), keepdim=True) >> mantissa  # biased exponent of the max
@@ -420,7 +421,7 @@ def transposable_mask_patterns(
     Exact up to the scorer's resolution (as :func:`transposable_mask_scored`: totals of the
     tile's magnitudes as exact integers, within ``n * m * 2**-(B - 1)`` of the tile's largest
     ``|w|``, :func:`score_bits`), so an admissible tile keeps all its non-zeros however small.
-    NaN entries count as zero magnitude. Weights with more than two dims
+    NaN and +-Inf entries count as the largest finite magnitude. Weights with more than two dims
     are flattened as in :func:`nmcompile.solvers._shapes.as_matrix`; the mask has ``w``'s
     shape. Float32/16 and bfloat16 CPU weights go to the C kernel when it is available
     (:func:`nmcompile.solvers.native.status`); others to the pure-torch path. Traceable: it

@@ -42,9 +42,9 @@ def transposable_mask(
     ``exact_n=False`` keeps at most ``n`` per row and column of each tile (an optimum may keep
     fewer, and can beat every exactly-``n`` pattern); ``exact_n=True`` keeps exactly ``n``.
     ``method="auto"`` picks the fastest exact solver for the ratio. ``greedy`` cannot promise
-    exactly ``n`` and rejects ``exact_n=True``. NaN counts as zero magnitude; the mask is
-    always admissible. Shapes whose (flattened) dims are not multiples of ``m`` raise
-    ``ValueError``.
+    exactly ``n`` and rejects ``exact_n=True``. NaN and +-Inf count as the largest finite
+    magnitude, in every method; the mask is always admissible. Shapes whose (flattened) dims
+    are not multiples of ``m`` raise ``ValueError``.
     """
     check_ratio(n, m)
     check_tiles(as_matrix(w), m)

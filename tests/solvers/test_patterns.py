@@ -23,16 +23,22 @@ def impl(request, monkeypatch):
     return torch.float64, 1e-12
 
 
+def ranked(w: torch.Tensor) -> torch.Tensor:
+    """``|w|`` in float64 as the solvers rank it: NaN and +-Inf as float32's largest value."""
+    big = torch.finfo(torch.float32).max
+    return torch.nan_to_num(w.abs().double(), nan=big, posinf=big)
+
+
 def reference_kept(w: torch.Tensor, exact_n: bool) -> torch.Tensor:
     """Best kept |w| per tile by the former formulation: [tiles, 16] @ [16, P], then max."""
-    mag = torch.nan_to_num(w.abs().double(), nan=0.0)
+    mag = ranked(w)
     masks = torch.from_numpy(all_tile_masks(2, 4, exact_n))  # every admissible 4x4 mask
     tiles = torch.from_numpy(tiles_of(mag.numpy(), 4)).reshape(-1, 16)
     return (tiles @ masks.t()).max(dim=1).values
 
 
 def kept(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mag = torch.nan_to_num(w.abs().double(), nan=0.0).numpy()
+    mag = ranked(w).numpy()
     return torch.from_numpy((tiles_of(mag, 4) * tiles_of(mask.numpy(), 4)).sum(axis=(1, 2)))
 
 

@@ -129,9 +129,10 @@ def test_masks_are_unchanged_by_scaling(method, scale):
 def test_magnitude_costs_rounding_is_documented():
     costs = magnitude_costs(np.array([0.0, -1.0, 0.25, float("nan"), float("inf"), 1e-12]))
     assert costs.dtype == np.int64
-    assert costs.tolist() == [0, COST_LEVELS, COST_LEVELS // 4, 0, COST_LEVELS, 0]
+    assert costs.tolist() == [0, COST_LEVELS, COST_LEVELS // 4, COST_LEVELS, COST_LEVELS, 0]
     assert magnitude_costs(np.zeros(3)).tolist() == [0, 0, 0]
-    assert magnitude_costs(np.array([float("nan"), float("-inf")])).tolist() == [0, COST_LEVELS]
+    assert magnitude_costs(np.array([float("nan"), float("-inf")])).tolist() == [COST_LEVELS,
+                                                                               COST_LEVELS]
     x = np.random.default_rng(0).standard_normal(1000)
     for s in (1e-6, 1e6):
         np.testing.assert_array_equal(magnitude_costs(x * s), magnitude_costs(x))

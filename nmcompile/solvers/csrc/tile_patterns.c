@@ -18,7 +18,7 @@
  *
  * Tiles are processed BLOCK at a time along a row of tiles, eight per vector, with each
  * group's running best kept in registers; comparisons are branch-free selects. Scores are
- * float sums of |w| (NaN counts as 0, +-Inf as FLT_MAX); only a strictly greater candidate
+ * float sums of |w| (NaN and +-Inf count as FLT_MAX); only a strictly greater candidate
  * replaces the best, so ties keep the earlier option or pair. With score_bits > 0 each tile's
  * magnitudes are first made exact integers, as nmcompile.solvers.patterns._tile_scores makes
  * them: scaled by the power of two that puts the tile's largest in [2^(B-1), 2^B), rounded up,
@@ -115,14 +115,14 @@ int nm_tile_patterns(const float *w, int64_t rows, int64_t cols, int64_t tile_ro
         for (int64_t tj = 0; tj < tiles_per_row; tj += BLOCK) {
             const int64_t count = tiles_per_row - tj < BLOCK ? tiles_per_row - tj : BLOCK;
 
-            /* |w| of every cell (NaN -> 0, +-Inf -> FLT_MAX; lanes past the end of the row of
+            /* |w| of every cell (NaN, +-Inf -> FLT_MAX; lanes past the end of the row of
              * tiles -> 0), then, with score_bits, each tile's exact integer magnitudes. */
             for (int32_t r = 0; r < m; ++r) {
                 const float *row = w + (ti * m + r) * cols + tj * m;
                 for (int32_t c = 0; c < m; ++c) {
                     for (int64_t t = 0; t < count; ++t) {
                         const float x = fabsf(row[t * m + c]);
-                        vals[r][c][t] = x == x ? (x > FLT_MAX ? FLT_MAX : x) : 0.0f;
+                        vals[r][c][t] = x == x && x <= FLT_MAX ? x : FLT_MAX;
                     }
                     for (int64_t t = count; t < BLOCK; ++t) vals[r][c][t] = 0.0f;
                 }
