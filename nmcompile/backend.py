@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 import warnings
@@ -38,11 +39,11 @@ from .config import NMConfig
 from .dump import GraphDump
 from .fallback import DenseFallbackWarning, user_stacklevel
 from .fallback import install as watch_eager_fallback
-from .kernels import autocast_dtypes, packing_dtype
+from .kernels import SPARSE_LABEL, autocast_dtypes, packing_dtype
 from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
 from .names import ParameterNames, compiled_module, name_of, source_path, source_text
 from .passes.fused_ops import decomposition_table
-from .passes.rewrite_matmuls import GraphInput, RewriteMatmuls
+from .passes.rewrite_matmuls import GraphInput, MatmulRecord, RewriteMatmuls
 from .schedule import Schedule
 from .state import MaskBank, masks_for_call, register_on_call
 
@@ -123,12 +124,14 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
         example_inputs += bank.tensors
 
     def on_rewrite(before: str, after: str, rewrite: RewriteMatmuls) -> None:
+        records = rewrite.records
         if bank is not None:
             bank.attach(rewrite.specs, rewrite.packed_used)
+            records = _with_compress_labels(records, bank, params)
         if dump is not None:
             dump.write("joint_before.py", before)
             dump.write("joint_after.py", after)
-            dump.write_records(rewrite.records, config.to_dict(), rewrite.symbols)
+            dump.write_records(records, config.to_dict(), rewrite.symbols)
 
     rewrite = RewriteMatmuls(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,
@@ -150,6 +153,16 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
             lambda args: masks_for_call(rewrite.specs, bank, args),
             dump.note_phase if dump is not None else None)
     return _skip_fake_calls(wrapped, compiled, extra)
+
+
+def _with_compress_labels(records: Sequence[MatmulRecord], bank: MaskBank,
+                          params: Sequence[GraphInput]) -> list[MatmulRecord]:
+    """``records`` with the ``compress`` column filled in for the GEMMs that read a
+    compressed weight (forward and grad-input rows on the sparse kernel)."""
+    labels = {p.name: bank.compress_labels().get(p.position) for p in params}
+    return [dataclasses.replace(r, compress=labels.get(r.param))
+            if r.sparse and r.role in ("forward", "grad_input")
+            and (r.kernel or "").startswith(SPARSE_LABEL) else r for r in records]
 
 
 def _dense_source(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple:

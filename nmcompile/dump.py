@@ -33,7 +33,8 @@ from torch._logging import trace_structured
 
 __all__ = ["GraphDump", "format_table", "read_summary", "write_unread"]
 
-_COLUMNS = ("graph", "node", "role", "param", "shapes", "became", "sparse", "kernel", "reason")
+_COLUMNS = ("graph", "node", "role", "param", "shapes", "became", "sparse", "kernel", "compress",
+            "reason")
 
 
 def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
@@ -42,7 +43,9 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
 
     ``sparse``: the GEMM computes with the N:M mask; ``kernel``: for those GEMMs, what runs
     them (``cuSPARSELt``, with the cost rule's measured speed-up under ``kernels="auto"``, or
-    ``dense: <reason>`` for the masked-dense product); ``reason``: why a GEMM is not masked.
+    ``dense: <reason>`` for the masked-dense product); ``compress``: for the GEMMs that read a
+    compressed weight, what writes it once per optimizer step (``Triton sparsify (sm90)``, or
+    ``torch._cslt_compress (<why not the kernels>)``); ``reason``: why a GEMM is not masked.
     Symbolic sizes (dynamic shapes) show as their expressions: ``s0x64 @ 64x64``,
     ``(s0*s1)x64``.
     """
@@ -50,7 +53,8 @@ def format_table(rows: Iterable[Mapping[str, Any]]) -> str:
         (
             r["graph_id"], r["node"], r["role"] or "-", r["param"] or "-",
             " @ ".join("x".join(map(_dim, s)) for s in r["shapes"]), r["became"],
-            "yes" if r["sparse"] else "no", r.get("kernel") or "", r["reason"] or "",
+            "yes" if r["sparse"] else "no", r.get("kernel") or "", r.get("compress") or "",
+            r["reason"] or "",
         )
         for r in rows
     ]

@@ -95,13 +95,18 @@ class MaskStats:
 class Pack:
     """A compressed copy of a masked weight for the sparse kernel, shared by every graph that
     reads the weight: ``compress(W*M)`` (``transposed=False``) or ``compress((W*M)^T)``, with
-    ``W`` cast to ``dtype``. ``token`` is the weight state and mask it was made from."""
+    ``W`` cast to ``dtype``. ``token`` is the weight state and mask it was made from;
+    ``writer`` what writes it (``"triton"``, ``"encoder"``, or ``None``: ``torch._cslt_compress``,
+    :func:`nmcompile.refresh.pack_writer`) and ``label`` says so for the dump."""
 
     tensor: torch.Tensor
     dtype: torch.dtype
     transposed: bool
     token: tuple | None = None
     compressions: int = 0
+    writer: str | None = None
+    arch: str | None = None
+    label: str = "torch._cslt_compress"
 
 
 @dataclass
@@ -177,6 +182,19 @@ class LazyStats:
         self.kept = torch.where(total > 0, (magnitude * mask).sum() / total, 1.0)
         self.density = mask.double().mean()
         self._read: MaskStats | None = None
+
+    @classmethod
+    def from_sums(cls, sums: torch.Tensor, numel: int, first: bool, refreshes: int) -> LazyStats:
+        """From the sparsify kernel's float64 ``[4]`` sums of a weight (flips against the mask
+        it overwrote, kept count, kept ``|W|``, total ``|W|``; :mod:`nmcompile.refresh`);
+        ``first``: no flip rate (the overwritten mask was no refresh's)."""
+        self = cls.__new__(cls)
+        self.refreshes = refreshes
+        self.flip = None if first else sums[0] / numel
+        self.density = sums[1] / numel
+        self.kept = torch.where(sums[3] > 0, sums[2] / sums[3], 1.0)
+        self._read = None
+        return self
 
     def read(self) -> MaskStats:
         if self._read is None:

@@ -27,26 +27,22 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import fsdp
+from . import fsdp, refresh
 from .config import NMConfig
 from .kernels import cusparselt
 from .masking import (
     BackwardSpec,
     BankSlots,
-    LazyStats,
     MaskRecord,
     MaskSpec,
     MaskStats,
     Pack,
-    compute_backward_mask,
     compute_mask,
     mask_stats,
     record_of,
     register,
 )
-from .ops.emulation import masked_weight
 from .schedule import phase_of
-from .solvers import transposable_masks_scored
 
 __all__ = ["MaskBank", "apply_masks", "load_mask_state_dict", "mask_state_dict", "masks",
            "masks_for_call", "register_on_call", "stats", "weight_token"]
@@ -202,6 +198,20 @@ class MaskBank:
                 backward = BackwardSpec(cfg.n, cfg.m, cfg.bimask_candidates, cfg.bimask_method)
             self._specs[pos] = (spec, backward, tuple(sorted((packed_used or {}).get(pos, ()))))
 
+    def compress_labels(self) -> dict[int, str]:
+        """Position -> what writes the compressed weights the graph reads (the dump's
+        ``compress`` column), for the parameters whose GEMMs read one."""
+        labels = {}
+        for pos, (_, _, used) in self._specs.items():
+            packs = [self._examples[pos][t] for t in used if pos in self._examples]
+            found = {p.label for p in packs}
+            if len(found) == 1:
+                labels[pos] = found.pop()
+            elif found:
+                labels[pos] = "; ".join(f"{'(W*M)^T' if p.transposed else 'W*M'}: {p.label}"
+                                        for p in packs)
+        return labels
+
     def _record(self, pos: int, param: torch.Tensor) -> MaskRecord:
         """The record of ``param`` for this graph's position ``pos`` (created at first sight)."""
         spec, backward, used = self._specs[pos]
@@ -245,20 +255,18 @@ class MaskBank:
             _observe(record, param)
             if record.refreshes == 0 or record.steps >= self.config.mask_interval:
                 due.append((record, param))
-        if due:
-            _refresh_all(due)
+        due_ids = {id(record) for record, _ in due}
+        refresh.run([refresh.Work(records[pos], args[pos], id(records[pos]) in due_ids,
+                                  [records[pos].packs[(self._slots[pos].dtype, t)] for t in used])
+                     for pos, (_, _, used) in self._specs.items()])
         for pos, (_, _, used) in self._specs.items():
-            param, slots, record = args[pos], self._slots[pos], records[pos]
+            slots, record = self._slots[pos], records[pos]
             tensors[slots.forward] = record.forward
             if slots.backward is not None and record.backward is not None:
                 tensors[slots.backward] = record.backward
-            token = (record.version, record.epoch)
             for transposed in used:
-                pack = record.packs[(slots.dtype, transposed)]
-                if pack.token != token:
-                    _compress(pack, param, record.forward)
-                    pack.token = token
-                tensors[slots.packed_t if transposed else slots.packed] = pack.tensor
+                tensors[slots.packed_t if transposed else slots.packed] = \
+                    record.packs[(slots.dtype, transposed)].tensor
         return tensors
 
     def wrap(self, compiled: Callable) -> Callable:
@@ -277,11 +285,13 @@ def _new_mask(param: torch.Tensor) -> torch.Tensor:
 
 
 def _new_pack(param: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Pack:
-    """An empty compressed-weight buffer for ``param`` (its size is the library's)."""
+    """An empty compressed-weight buffer for ``param`` (its size is the library's), with the
+    writer that will fill it (:func:`nmcompile.refresh.pack_writer`)."""
     shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
     with torch.no_grad():
         blob = cusparselt.compress(torch.zeros(shape, dtype=dtype, device=param.device))
-    return Pack(blob, dtype, transposed)
+    writer, arch, label = refresh.pack_writer(param, dtype, transposed)
+    return Pack(blob, dtype, transposed, writer=writer, arch=arch, label=label)
 
 
 def register_on_call(specs: Mapping[int, MaskSpec], compiled: Callable) -> Callable:
@@ -305,60 +315,6 @@ def _observe(record: MaskRecord, param: torch.Tensor) -> None:
     if record.version is not None and token != record.version:
         record.steps += 1
     record.version = token
-
-
-@torch.no_grad()
-@torch.profiler.record_function("nm::compress_weight")
-def _compress(pack: Pack, param: torch.Tensor, mask: torch.Tensor) -> None:
-    """Write the compressed masked weight into ``pack`` (in place: its tensor is a graph input)."""
-    masked = masked_weight(param.detach().to(pack.dtype), mask)
-    pack.tensor.copy_(cusparselt.compress(masked.t() if pack.transposed else masked))
-    pack.compressions += 1
-
-
-#: Tiles scored together when masks are refreshed in one batch: bounds the transient
-#: ``[tiles, patterns]`` score matrix (about 370 MB for 2:4).
-REFRESH_TILES = 1 << 19
-
-
-@torch.no_grad()
-@torch.profiler.record_function("nm::refresh_mask")
-def _refresh_all(due: Sequence[tuple[MaskRecord, torch.Tensor]]) -> None:
-    """Solve the masks of ``(record, weight)`` pairs; in-graph-style pattern masks of one ratio
-    and device are scored together, a batch of at most :data:`REFRESH_TILES` tiles at a time,
-    so a step launches a handful of kernels whatever the number of layers."""
-    groups: dict[tuple, list[tuple[MaskRecord, torch.Tensor]]] = {}
-    for record, param in due:
-        spec = record.spec
-        if spec.policy == "transposable" and spec.method == "patterns":
-            groups.setdefault((spec.n, spec.m, param.device), []).append((record, param))
-        else:
-            _store(record, param, compute_mask(param.detach(), spec))
-    for (n, m, _), items in groups.items():
-        batch: list[tuple[MaskRecord, torch.Tensor]] = []
-        tiles = 0
-        for item in [*items, None]:
-            size = item[1].numel() // (m * m) if item is not None else 0
-            if batch and (item is None or tiles + size > REFRESH_TILES):
-                found = transposable_masks_scored([p.detach() for _, p in batch], n, m)
-                for (record, param), mask in zip(batch, found, strict=True):
-                    _store(record, param, mask)
-                batch, tiles = [], 0
-            if item is not None:
-                batch.append(item)
-                tiles += size
-
-
-def _store(record: MaskRecord, param: torch.Tensor, mask: torch.Tensor) -> None:
-    """Make ``mask`` the record's forward mask (and derive its backward mask, its stats)."""
-    previous = record.forward.clone() if record.refreshes else None
-    record.refreshes += 1
-    record.epoch += 1
-    record.stats = LazyStats(param, mask, previous, record.refreshes)
-    record.forward.copy_(mask)
-    if record.backward_spec is not None:
-        record.backward.copy_(compute_backward_mask(param, mask, record.backward_spec))
-    record.steps = 0
 
 
 def _pending_key(param: torch.Tensor) -> torch.Tensor | None:

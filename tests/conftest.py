@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
-from tests.cslt_model import CusparseltModel
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from nmcompile.kernels import layout_check  # noqa: E402
+from tests.cslt_model import CusparseltModel, install_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -17,15 +24,28 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture(scope="session")
+def _layout_verdicts(tmp_path_factory) -> os.PathLike:
+    """The layout check's verdicts for CPU tensors (bf16, fp16) against the sm90 model,
+    reached once per session: each ``cslt`` test starts from a copy, so the library calls it
+    counts are its own. (The check itself is tested in ``tests/kernels/test_layout_check.py``.)"""
+    cache = tmp_path_factory.mktemp("layout-check")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        install_model(monkeypatch, CusparseltModel(), cache)
+        for dtype in (torch.bfloat16, torch.float16):
+            found = layout_check.verdict("cpu", dtype)
+            assert found.writer == "encoder", found
+    layout_check.clear()
+    return cache / layout_check.CACHE_NAME
+
+
 @pytest.fixture
-def cslt(monkeypatch, tmp_path) -> CusparseltModel:
-    """The strict CPU model of cuSPARSELt in place of ``torch._cslt_compress`` /
-    ``torch._cslt_sparse_mm``, with CPU tensors allowed on the sparse-kernel path
-    (``NMCOMPILE_CSLT_ON_CPU=1``) and the cost-rule cache in a temporary folder."""
+def cslt(monkeypatch, tmp_path, _layout_verdicts):
+    """The strict CPU model of cuSPARSELt in place of the library (:func:`install_model`), the
+    caches in a temporary folder that holds the session's layout verdicts."""
     model = CusparseltModel()
-    monkeypatch.setattr(torch, "_cslt_compress", model.compress)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm", model.sparse_mm)
-    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", model.sparse_mm_search)
-    monkeypatch.setenv("NMCOMPILE_CSLT_ON_CPU", "1")
-    monkeypatch.setenv("NMCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
-    return model
+    install_model(monkeypatch, model, tmp_path / "cache")
+    (tmp_path / "cache").mkdir()
+    shutil.copy(_layout_verdicts, tmp_path / "cache" / layout_check.CACHE_NAME)
+    yield model
+    layout_check.clear()

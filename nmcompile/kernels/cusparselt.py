@@ -77,8 +77,13 @@ SPARSE_ALIGN = 16
 #: Dense operand: both dims multiples of this many elements (16 bytes of a 16-bit type).
 DENSE_ALIGN = 8
 #: For tests only: ``1`` lets CPU tensors take the sparse-kernel path, through whatever
-#: ``torch._cslt_compress`` / ``torch._cslt_sparse_mm`` are at that moment (a model of them).
+#: ``torch._cslt_compress`` / ``torch._cslt_sparse_mm`` are at that moment (a model of them),
+#: with weights compressed in the sm90 layout by nmcompile's pure-torch encoder
+#: (:mod:`.layout`); ``triton``: the same, compressed by the Triton sparsify kernels, which
+#: then need Triton's interpreter (``TRITON_INTERPRET=1`` before they are first imported).
 ENV_ON_CPU = "NMCOMPILE_CSLT_ON_CPU"
+#: The values of :data:`ENV_ON_CPU` that turn the CPU path on.
+ON_CPU_VALUES = ("1", "triton")
 #: Oldest compute capability with sparse tensor cores (A100).
 MIN_CAPABILITY = (8, 0)
 
@@ -94,7 +99,7 @@ def device_reason(device: torch.device | str) -> str | None:
     """Why the sparse kernels cannot serve tensors on ``device`` (``None``: they can)."""
     device = torch.device(device)
     if device.type == "cpu":
-        if os.environ.get(ENV_ON_CPU) == "1":
+        if os.environ.get(ENV_ON_CPU) in ON_CPU_VALUES:
             return None
         return "no sparse kernel on cpu (masked-dense emulation)"
     if device.type != "cuda":

@@ -102,6 +102,7 @@ class MatmulRecord:
     sparse: bool
     reason: str | None
     kernel: str | None = None  # the sparse GEMM's kernel: "cuSPARSELt ..." or "dense: <why>"
+    compress: str | None = None  # what writes the compressed weight a sparse kernel reads
 
 
 @dataclass(frozen=True)
