@@ -28,7 +28,7 @@ from ..config import KERNEL_POLICIES
 from . import cost, cusparselt
 
 __all__ = ["KERNEL_POLICIES", "SPARSE_LABEL", "Choice", "autocast_dtypes", "choose",
-           "packing_dtype"]
+           "mvue_kernel_arch", "packing_dtype"]
 
 SPARSE_LABEL = "cuSPARSELt"
 
@@ -81,6 +81,26 @@ def choose(policy: str, role: str, *, device: torch.device, dtype: torch.dtype, 
         alg = f", alg {verdict.alg_id}" if verdict.alg_id else ""
         return Choice(True, f"{SPARSE_LABEL} ({verdict.speedup:.2f}x{alg})", verdict.alg_id)
     return Choice(False, verdict.reason)
+
+
+def mvue_kernel_arch(choice: Choice, grad_t: torch.Tensor, n: int, m: int) -> str:
+    """The compressed layout in which the Triton MVUE kernel (:mod:`.mvue24`) writes the
+    grad-weight operand ``grad_t`` (``dY^T``, ``[out, tokens]``, a fake value) of a GEMM
+    :func:`choose` put on the sparse kernel; ``""`` where it does not serve (another ratio than
+    2:4, a dense GEMM, a device whose layout check did not pass for the Triton kernels, an
+    out-features count off the layout's blocks): the draw is then traced into the graph and
+    ``torch._cslt_compress`` compresses it."""
+    from . import layout_check
+
+    rows = grad_t.shape[0]
+    if not choice.sparse or (n, m) != (2, 4) or not isinstance(rows, int):
+        return ""
+    found = layout_check.verdict(grad_t.device, grad_t.dtype)
+    if found.writer != "triton":
+        return ""
+    from .mvue24 import rows_reason
+
+    return "" if rows_reason(rows, found.arch) else found.arch
 
 
 def autocast_dtypes(gm: fx.GraphModule) -> dict[str, torch.dtype]:

@@ -15,6 +15,7 @@ op                        computes                     sparse operand (N:M along
 ``nm::linear_forward``     ``x @ (W*M).T + bias``        ``W*M``, N:M along in-features
 ``nm::linear_grad_input``  ``grad_out @ (W*M)``          ``(W*M).T``, N:M along out-features
 ``nm::sparse_mm``          ``a @ b``                     ``a``, already pruned N:M along dim 1
+``nm::mvue_sparse_mm``     ``mvue(a, 2, 4) @ b``         ``a`` (``dY^T``), pruned in the op
 ========================  ===========================  ======================================
 
 Which implementation runs is fixed by the arguments, never by hidden state: the linear ops
@@ -33,10 +34,11 @@ import torch
 from torch import Tensor
 
 from ..kernels import cusparselt
+from ..solvers.mvue import mvue
 from . import emulation
 from .emulation import masked_weight
 
-__all__ = ["linear_forward", "linear_grad_input", "masked_weight", "sparse_mm"]
+__all__ = ["linear_forward", "linear_grad_input", "masked_weight", "mvue_sparse_mm", "sparse_mm"]
 
 
 def _check(name: str, a: Tensor, weight: Tensor, mask: Tensor, w_dim: int,
@@ -123,6 +125,36 @@ def sparse_mm(a: Tensor, b: Tensor, use_kernel: bool = False, alg_id: int = 0) -
 
 @sparse_mm.register_fake
 def _(a: Tensor, b: Tensor, use_kernel: bool = False, alg_id: int = 0) -> Tensor:
+    _check_mm(a, b)
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+@torch.library.custom_op("nm::mvue_sparse_mm", mutates_args=())
+def mvue_sparse_mm(a: Tensor, b: Tensor, exact: bool, arch: str = "", alg_id: int = 0) -> Tensor:
+    """``mvue(a, 2, 4) @ b``: the MVUE grad-weight GEMM ``dY^T X`` with ``dY^T`` pruned 2:4 along
+    tokens by an unbiased stochastic mask (:func:`nmcompile.solvers.mvue.mvue`, ``exact`` or
+    ``approx``), ``a`` ``[out, tokens]``, ``b`` ``[tokens, in]``, the result ``[out, in]`` in
+    ``a``'s dtype.
+
+    ``arch`` (a verified compressed layout, ``"sm90"``/``"sm80"``): the Triton kernel of
+    :mod:`nmcompile.kernels.mvue24` draws the mask and writes the compressed operand in one
+    pass, then the 2:4 sparse kernel multiplies; ``""``: the draw in torch ops and a dense
+    GEMM. Randomness comes from torch's generator either way. Used in backward graphs only
+    (no gradient).
+    """
+    _check_mm(a, b)
+    if arch and a.numel():
+        from ..kernels import mvue24
+
+        return mvue24.sparse_mm(a, b, arch, exact=exact, alg_id=alg_id)
+    tokens = a.shape[1]
+    padded = a if tokens % 4 == 0 else torch.cat([a, a.new_zeros(a.shape[0], -tokens % 4)], 1)
+    pruned = mvue(padded, 2, 4, method="exact" if exact else "approx")[:, :tokens]
+    return emulation.sparse_mm(pruned, b)
+
+
+@mvue_sparse_mm.register_fake
+def _(a: Tensor, b: Tensor, exact: bool, arch: str = "", alg_id: int = 0) -> Tensor:
     _check_mm(a, b)
     return a.new_empty((a.shape[0], b.shape[1]))
 

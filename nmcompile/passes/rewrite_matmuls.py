@@ -61,7 +61,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import ops  # noqa: F401  (registers torch.ops.nm)
 from ..config import NMConfig
-from ..kernels import Choice, choose
+from ..kernels import Choice, choose, mvue_kernel_arch
 from ..kernels.cusparselt import implies_2_4
 from ..masking import BankSlots, MaskSpec, compute_mask
 from ..solvers.fst import fst_prune, gradient_shift
@@ -86,6 +86,7 @@ aten = torch.ops.aten
 _LINEAR_FORWARD = torch.ops.nm.linear_forward.default
 _LINEAR_GRAD_INPUT = torch.ops.nm.linear_grad_input.default
 _SPARSE_MM = torch.ops.nm.sparse_mm.default
+_MVUE_SPARSE_MM = torch.ops.nm.mvue_sparse_mm.default
 _SOURCES = tuple(sorted(str(p) for p in Path(__file__).resolve().parents[1].rglob("*.py")))
 
 
@@ -633,16 +634,22 @@ class _Rewriter:
             return pruned if padded is grad else pruned[:, :grad.shape[1]]
 
         with self.graph.inserting_before(like):
-            if side == 0:  # dY^T @ X: prune the left operand along its rows
-                pruned = self.edit.inline(prune, [mm.a], "mvue", like=like)
-                out, choice = self._sparse_mm(pruned, mm.b, like)
-            else:  # X^T @ dY = (dY^T @ X)^T
-                grad_t = self._t(mm.b, like)
+            # dY^T @ X prunes the left operand along its rows; X^T @ dY = (dY^T @ X)^T
+            grad_t, x = (mm.a, mm.b) if side == 0 else (self._t(mm.b, like), self._t(mm.a, like))
+            choice, _ = self._kernel("grad_weight", None, grad_t, dense=x)
+            arch = mvue_kernel_arch(choice, grad_t.meta["val"], n, m)
+            if arch:  # the draw and its compressed form in one Triton pass
+                out = self.edit.call(_MVUE_SPARSE_MM, [grad_t, x, method == "exact", arch,
+                                                       choice.alg_id], like=like)
+            else:
                 pruned = self.edit.inline(prune, [grad_t], "mvue", like=like)
-                out, choice = self._sparse_mm(pruned, self._t(mm.a, like), like)
+                out = self.edit.call(_SPARSE_MM, [pruned, x, choice.sparse, choice.alg_id],
+                                     like=like)
+            if side == 1:
                 out = self._t(out, like)
         self._swap(mm.node, out)
-        return f"nm.sparse_mm (dY mvue {n}:{m} {method}{note})", choice.label
+        op = f"nm.mvue_sparse_mm (Triton, {arch})" if arch else "nm.sparse_mm"
+        return f"{op} (dY mvue {n}:{m} {method}{note})", choice.label
 
     def _replace_fst(self, mm: Matmul, side: int, note: str = "") -> tuple[str, str]:
         """dY^T X -> (X_fst^T @ shift(dY))^T: X pruned by the fixed mask is the sparse operand."""

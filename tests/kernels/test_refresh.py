@@ -26,6 +26,7 @@ def triton_writer(cslt, monkeypatch):
     sparsify = pytest.importorskip("nmcompile.kernels.sparsify")
     monkeypatch.setenv("NMCOMPILE_CSLT_ON_CPU", "triton")
     assert layout_check.verdict("cpu", torch.bfloat16).writer == "triton"  # checked first
+    cslt.mm_calls = cslt.compress_calls = 0  # count the training's calls only
     launches = []
     original = sparsify.launch
 
@@ -109,3 +110,22 @@ def test_autocast_fp32_weights_are_cast_on_load(triton_writer, tmp_path):
     rows = [r for r in _rows(dump) if r["role"] in ("forward", "grad_input")]
     assert rows and all(r["compress"] == "Triton sparsify (sm90)" for r in rows)
     assert triton_writer.launches and all(score for score, _ in triton_writer.launches)
+
+
+def test_mvue_grad_weight_runs_through_the_triton_kernel(triton_writer, tmp_path):
+    """With a verified Triton writer the MVUE grad-weight GEMM is one op that draws, compresses
+    (Triton) and multiplies (the sparse kernel); the draws come from Philox, not from the
+    graph's ``torch.rand``, so the training follows the emulation's only up to MVUE's noise."""
+    base = Mlp(layers=3).bfloat16()
+    opts = {"inductor": False, "grad_weight": "mvue"}
+    ref_losses, _ = _train(_copy(base), {**opts, "kernels": "emulate"}, micro=1)
+    dump = tmp_path / "dump"
+    losses, _ = _train(base, {**opts, "kernels": "sparse", "dump_dir": str(dump)}, micro=1)
+    torch.testing.assert_close(losses[0], ref_losses[0], rtol=1e-2, atol=1e-4)  # no draw yet
+    torch.testing.assert_close(losses, ref_losses, rtol=0.1, atol=1e-2)
+    rows = [r for r in _rows(dump) if r["role"] == "grad_weight"]
+    assert len(rows) == 3 and all(
+        r["became"] == "nm.mvue_sparse_mm (Triton, sm90) (dY mvue 2:4 exact)"
+        and r["kernel"] == "cuSPARSELt" for r in rows), rows
+    # 3 steps x (5 linear GEMMs on compressed weights + 3 grad-weight GEMMs)
+    assert triton_writer.mm_calls == 3 * (5 + 3)
