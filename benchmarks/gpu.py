@@ -1,8 +1,13 @@
 """2:4 sparse training on an NVIDIA GPU against dense, measured in the same run.
 
-    python benchmarks/gpu.py [--quick] [--out DIR] [--whole-model]
+    python benchmarks/gpu.py [--quick] [--out DIR] [--whole-model] [--parts ...]
 
-Three parts, bf16, CUDA events after a warm-up, medians:
+Four parts, bf16, CUDA events after a warm-up, medians:
+
+(sparsify) the per-step weight work (exact masks and both compressed weights) of the FFN block,
+    the GPT-2-medium-size model and one 4096x16384 weight, and MVUE's grad-weight operand,
+    against the eager path it replaces and a plain copy of the same bytes
+    (``benchmarks/gpu_sparsify.py``; ``sparsify_ms_per_step``, ``sparsify_tbps``);
 
 (a) the three GEMMs of a linear layer at FFN shapes (tokens x d_model, d_ff = 4 d_model), up- and
     down-projection: forward ``X W^T``, grad-input ``dY W``, grad-weight ``dY^T X`` (sparse: dY^T
@@ -325,6 +330,16 @@ def _environment(command: str) -> dict:
     }
 
 
+def _sibling(name: str):
+    """Another script of this folder, imported as a module (``benchmarks/`` is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _ratio(rows: list[dict], dense: str, sparse: str, key: str = "step_ms") -> float | None:
     by = {r["config"]: r for r in rows if "error" not in r}
     if dense in by and sparse in by and key in by[dense] and key in by[sparse]:
@@ -338,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_bench_out", help="folder for gpu.json")
     parser.add_argument("--whole-model", action="store_true",
                         help="compile the GPT-2 model whole instead of block by block")
-    parser.add_argument("--parts", default="gemm,ffn,step", help="comma-separated parts")
+    parser.add_argument("--parts", default="sparsify,gemm,ffn,step",
+                        help="comma-separated parts")
     parser.add_argument("--dump", default=None,
                         help="folder for the nm dumps (default: OUT/nm_dump)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
@@ -365,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu.json").write_text(json.dumps(result, indent=1, default=str))
 
     print(json.dumps({k: result.get(k) for k in ("device", "torch", "cuda", "cusparselt")}))
+    if "sparsify" in parts:
+        result.update(_sibling("gpu_sparsify").run(args.quick, DEVICE, smoke=args.smoke))
+        save()
+        print(tabulate(result["sparsify"], headers="keys", floatfmt=".3f"))
     if "gemm" in parts:
         tokens = [4096, 16384] if args.quick else [4096, 8192, 16384, 32768]
         dims = [1024, 2048, 4096] if args.quick else [1024, 2048, 4096, 8192]
@@ -423,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         print(tabulate([{k: r.get(k) for k in ("config", "tokens", "step_ms", "compile_s",
                                                "peak_mem_gb")}
                         for r in result["step"]], headers="keys", floatfmt=".3f"))
-    for key in ("ffn_speedup", "ffn_speedup_mvue", "ffn_microstep_speedup",
+    for key in ("sparsify_ms_per_step", "sparsify_tbps",
+                "ffn_speedup", "ffn_speedup_mvue", "ffn_microstep_speedup",
                 "ffn_speedup_sparse", "ffn_microstep_speedup_sparse", "step_speedup",
                 "step_speedup_sparse", "step_speedup_cudagraphs"):
         if result.get(key) is not None:

@@ -9,6 +9,8 @@ It writes ``OUT/<device>-layout.json.gz``: the arch, the versions, and per case 
 matrix and the blob as base64 int16. Commit it under ``tests/data/cslt_layout/``:
 ``tests/kernels/test_layout.py`` then checks nmcompile's encoder (``nmcompile.kernels.layout``)
 against it on CPU, so a layout that differs from the public description is fitted there.
+It also writes ``OUT/layout_check.json``: the verdicts of the self-check that lets the Triton
+sparsify kernels serve this GPU (``nmcompile.kernels.layout_check``).
 
     python benchmarks/gpu_layout.py --out DIR         # on a GPU (make gpu-check runs it)
 """
@@ -124,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     slug = device_name("cuda").replace(" ", "_")
     path = probe(args.out / f"{slug}-layout.json.gz", arch, "cuda")
     print(f"gpu_layout: {arch} blobs written to {path} ({path.stat().st_size} bytes)")
+    from dataclasses import asdict
+
+    from nmcompile.kernels import layout_check
+
+    verdicts = {str(d)[6:]: asdict(layout_check.verdict("cuda", d))
+                for d in (torch.bfloat16, torch.float16)}
+    (args.out / "layout_check.json").write_text(json.dumps(verdicts, indent=1))
+    print(f"gpu_layout: the Triton kernels' self-check on this GPU: {verdicts}")
     return 0
 
 

@@ -6,15 +6,18 @@
 #      ../shared/tools/gpu-wheels.sh) into a private folder, never touching torch, and makes
 #      this checkout importable as nmcompile with its `nm` backend entry point;
 #   2. prints the facts the kernels rely on (benchmarks/gpu_facts.py -> DIR/facts.json);
-#   3. runs the CUDA tests, and the sparse-kernel tests through the CPU model of cuSPARSELt
+#   3. records the compressed layout torch._cslt_compress writes here and runs the Triton
+#      kernels' self-check against it (benchmarks/gpu_layout.py -> DIR/*-layout.json.gz, to
+#      commit under tests/data/cslt_layout/, and DIR/layout_check.json);
+#   4. runs the CUDA tests, and the sparse-kernel tests through the CPU model of cuSPARSELt
 #      under this machine's torch (tests/cuda, tests/kernels -> DIR/tests.log);
-#   4. times cuSPARSELt's alg ids, eager and from CUDA graphs (benchmarks/gpu_algs.py ->
+#   5. times cuSPARSELt's alg ids, eager and from CUDA graphs (benchmarks/gpu_algs.py ->
 #      DIR/algs.json);
-#   5. runs benchmarks/gpu.py --quick (DIR/bench.log, DIR/gpu.json, DIR/cost_rule.json,
-#      DIR/step_summary.txt).
+#   6. runs benchmarks/gpu.py --quick: the per-step sparsify, GEMMs, FFN block and GPT-2 step
+#      (DIR/bench.log, DIR/gpu.json, DIR/cost_rule.json, DIR/step_summary.txt).
 # Everything is also logged to DIR/check.log. Without a GPU it stops after step 2 with exit
-# code 3. Stage time limits (seconds): TEST_TIMEOUT (default 240), ALGS_TIMEOUT (90),
-# BENCH_TIMEOUT (240).
+# code 3. Stage time limits (seconds): PROBE_TIMEOUT (default 90), TEST_TIMEOUT (240),
+# ALGS_TIMEOUT (90), BENCH_TIMEOUT (300).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check_out}}
@@ -37,6 +40,12 @@ fi
 log "facts: exit $facts_rc in $((SECONDS - start)) s"
 
 start=$SECONDS
+timeout "${PROBE_TIMEOUT:-90}" "$PY" benchmarks/gpu_layout.py --out "$OUT" 2>&1 \
+  | tee -a "$OUT/check.log"
+probe_rc=${PIPESTATUS[0]}
+log "layout probe and self-check: exit $probe_rc in $((SECONDS - start)) s"
+
+start=$SECONDS
 timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -rs -p no:cacheprovider tests/cuda \
   tests/kernels tests/test_shared_graphs.py > "$OUT/tests.log" 2>&1
 tests_rc=$?
@@ -49,7 +58,7 @@ algs_rc=${PIPESTATUS[0]}
 log "alg ids: exit $algs_rc in $((SECONDS - start)) s"
 
 start=$SECONDS
-timeout "${BENCH_TIMEOUT:-240}" "$PY" benchmarks/gpu.py --quick --out "$OUT" \
+timeout "${BENCH_TIMEOUT:-300}" "$PY" benchmarks/gpu.py --quick --out "$OUT" \
   --dump "$NMCOMPILE_CACHE_DIR/nm_dump" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 tail -n 60 "$OUT/bench.log"
@@ -58,7 +67,7 @@ cp "$NMCOMPILE_CACHE_DIR/cost_rule.json" "$OUT/" 2>/dev/null
 summary="$NMCOMPILE_CACHE_DIR/nm_dump/step_nm_auto/summary.txt"
 [ -f "$summary" ] && cp "$summary" "$OUT/step_summary.txt"
 
-for rc in $facts_rc $tests_rc $algs_rc $bench_rc; do
+for rc in $facts_rc $probe_rc $tests_rc $algs_rc $bench_rc; do
   [ "$rc" -ne 0 ] && exit "$rc"
 done
 exit 0

@@ -212,3 +212,59 @@ def test_to_semi_structured_serves_the_masked_model():
     with torch.no_grad():
         out, want = model(x), ref(x)
     assert _rel(out, want.double()) < 1e-2
+
+
+# -- the Triton sparsify kernels on the device -------------------------------------------------
+
+def test_layout_check_passes_for_the_triton_kernels(tmp_path, monkeypatch, record_property):
+    """On this GPU the Triton kernels write what ``torch._cslt_compress`` writes (bf16, fp16);
+    if the layout differs from the public description the verdict says why (and training
+    keeps ``_cslt_compress``): then the probe's blobs (``benchmarks/gpu_layout.py``) fit it."""
+    from nmcompile.kernels import layout_check
+
+    monkeypatch.setenv("NMCOMPILE_CACHE_DIR", str(tmp_path))
+    layout_check.clear()
+    for dtype in DTYPES:
+        found = layout_check.verdict("cuda", dtype)
+        record_property(f"layout_{dtype}", str(found))
+        assert found.writer == "triton", found.reason
+    layout_check.clear()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_sparsify_equals_the_scorer_and_cslt_compress(dtype):
+    from nmcompile import refresh
+    from nmcompile.kernels import layout
+    from nmcompile.solvers import transposable_masks_scored
+
+    arch = layout.arch_of(torch.cuda.get_device_capability())
+    w = torch.randn(256, 512, device="cuda").to(dtype)
+    mask, blob, blob_t = refresh.write_packs("triton", arch, w, dtype, score=True)
+    assert torch.equal(mask, transposable_masks_scored([w])[0])
+    wm = torch.where(mask, w, 0)
+    x = torch.randn(512, 64, device="cuda").to(dtype)
+    ref = wm.double() @ x.double()
+    dense_err = _dense_error(wm, x, ref)
+    assert _rel(torch._cslt_sparse_mm(blob, x), ref) <= 4 * max(dense_err, 1e-3)
+    g = torch.randn(256, 64, device="cuda").to(dtype)
+    ref_t = wm.double().t() @ g.double()
+    assert _rel(torch._cslt_sparse_mm(blob_t, g), ref_t) <= 4 * max(_dense_error(wm.t(), g,
+                                                                                 ref_t), 1e-3)
+
+
+def test_triton_mvue_grad_weight_matches_its_draw():
+    from nmcompile.kernels import layout, mvue24
+
+    arch = layout.arch_of(torch.cuda.get_device_capability())
+    dy = torch.randn(4096, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4096, 128, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    out = torch.ops.nm.mvue_sparse_mm(dy.t(), x, True, arch)
+    torch.manual_seed(3)
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cuda")
+    blob = torch.empty(256 * 9 * 4096 // 16, dtype=torch.bfloat16, device="cuda")
+    mvue24.launch(dy.t(), blob, arch, exact=True, seed=seed)
+    pruned = layout.decode(blob.view(256, -1), 256, 4096, arch)
+    assert ((pruned != 0).reshape(256, -1, 4).sum(-1) <= 2).all()
+    ref = pruned.double() @ x.double()
+    assert _rel(out, ref) <= 4 * max(_dense_error(pruned, x, ref), 1e-3)

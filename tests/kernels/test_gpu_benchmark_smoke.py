@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.py"
 
@@ -29,3 +31,30 @@ def test_gpu_benchmark_smoke(cslt, tmp_path):
     # the cost rule measured every GEMM on the model (no self-check failure inside compile)
     assert kernels and not any("failed its self-check" in k for k in kernels), kernels
     assert cslt.mm_calls > 0
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sparsify_part_smoke(cslt, tmp_path):
+    """``gpu.py --parts sparsify``: the per-step weight work's rows and headline keys."""
+    assert _load("gpu").main(["--smoke", "--parts", "sparsify", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["layout_verified"] and result["layout"] == "sm90"
+    assert result["sparsify_ms_per_step"] > 0 and result["sparsify_tbps"] > 0
+    rows = {r["set"]: r for r in result["sparsify"]}
+    assert rows["smoke"]["writer"] == ["layout encoder (sm90)"]
+    assert rows["smoke"]["old_ms"] > 0 and rows["smoke"]["copy_ms"] > 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+def test_sparsify_benchmark_times_the_triton_kernels(cslt, monkeypatch):
+    monkeypatch.setenv("NMCOMPILE_CSLT_ON_CPU", "triton")
+    result = _load("gpu_sparsify").run(quick=True, device=torch.device("cpu"), smoke=True)
+    rows = {r["set"]: r for r in result["sparsify"]}
+    assert rows["smoke"]["writer"] == ["Triton sparsify (sm90)"]
+    assert rows["mvue dY 64x64"]["mvue_ms"] > 0
