@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .solvers import bimask, nm_mask, transposable_mask, transposable_mask_scored
+from .solvers import (
+    as_matrix,
+    bimask,
+    from_matrix,
+    nm_mask,
+    transposable_mask,
+    transposable_mask_scored,
+)
 
 __all__ = [
     "BackwardSpec",
@@ -141,8 +148,8 @@ def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
         if spec.method == "patterns":
             return transposable_mask_scored(weight, spec.n, spec.m)
         return transposable_mask(weight, spec.n, spec.m, method=spec.method)
-    if spec.reduction_dim == 1:
-        return nm_mask(weight, spec.n, spec.m)
+    if spec.reduction_dim == 1:  # a convolution kernel: along in-channels, per kernel position
+        return from_matrix(nm_mask(as_matrix(weight), spec.n, spec.m), weight.shape)
     return nm_mask(weight.t(), spec.n, spec.m).t()
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from ortools.graph.python import linear_sum_assignment
 
-from ._shapes import as_matrix, check_ratio
+from ._shapes import as_matrix, check_ratio, from_matrix
 from .nm import nm_mask
 
 __all__ = ["BiMask", "bimask"]
@@ -92,7 +92,7 @@ def bimask(
     if method == "optimized":
         perm = _local_search(value, n, m, perm, sweeps)
     backward = _backward_mask(value, n, m, perm).to(w.device)
-    return BiMask((fwd & backward).reshape(w.shape), perm.to(w.device))
+    return BiMask(from_matrix(fwd & backward, w.shape), perm.to(w.device))
 
 
 def _kept_value(value: torch.Tensor, n: int, m: int, perm: torch.Tensor) -> torch.Tensor:
