@@ -36,11 +36,11 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
 
 
 def from_matrix(w2d: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """The tensor of ``shape`` whose :func:`as_matrix` is ``w2d`` (a mask back in its weight's
-    layout)."""
+    """The contiguous tensor of ``shape`` whose :func:`as_matrix` is ``w2d`` (a mask back in its
+    weight's layout)."""
     if len(shape) == 2:
         return w2d.reshape(shape)
-    return w2d.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return w2d.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1).contiguous()
 
 
 def check_tiles(w: torch.Tensor, m: int) -> None:
