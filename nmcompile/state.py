@@ -277,8 +277,10 @@ def _new_mask(param: torch.Tensor) -> torch.Tensor:
 
 
 def _new_pack(param: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Pack:
-    """An empty compressed-weight buffer for ``param`` (its size is the library's)."""
-    shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
+    """An empty compressed-weight buffer for ``param`` (its size is the library's); a pointwise
+    convolution kernel is compressed as its ``[out, in]`` matrix (``flatten(1)``)."""
+    shape = (param.shape[0], param[0].numel())
+    shape = shape[::-1] if transposed else shape
     with torch.no_grad():
         blob = cusparselt.compress(torch.zeros(shape, dtype=dtype, device=param.device))
     return Pack(blob, dtype, transposed)
@@ -311,7 +313,7 @@ def _observe(record: MaskRecord, param: torch.Tensor) -> None:
 @torch.profiler.record_function("nm::compress_weight")
 def _compress(pack: Pack, param: torch.Tensor, mask: torch.Tensor) -> None:
     """Write the compressed masked weight into ``pack`` (in place: its tensor is a graph input)."""
-    masked = masked_weight(param.detach().to(pack.dtype), mask)
+    masked = masked_weight(param.detach().to(pack.dtype), mask).flatten(1)
     pack.tensor.copy_(cusparselt.compress(masked.t() if pack.transposed else masked))
     pack.compressions += 1
 
