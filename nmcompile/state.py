@@ -47,6 +47,7 @@ from .masking import (
 from .ops.emulation import masked_weight
 from .schedule import phase_of
 from .solvers import transposable_masks_scored
+from .solvers.bimask import bimask_shape_reason
 
 __all__ = ["MaskBank", "apply_masks", "load_mask_state_dict", "mask_state_dict", "masks",
            "masks_for_call", "register_on_call", "stats", "weight_token"]
@@ -198,7 +199,9 @@ class MaskBank:
         cfg = self.config
         for pos, spec in specs.items():
             backward = None
-            if self._slots[pos].backward is not None and spec.reduction_dim == 1:
+            shape = self.tensors[self._slots[pos].forward].shape
+            if (self._slots[pos].backward is not None and spec.reduction_dim == 1
+                    and bimask_shape_reason(shape, spec.m) is None):
                 backward = BackwardSpec(cfg.n, cfg.m, cfg.bimask_candidates, cfg.bimask_method)
             self._specs[pos] = (spec, backward, tuple(sorted((packed_used or {}).get(pos, ()))))
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..solvers.bimask import bimask_shape_reason
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -22,6 +24,7 @@ __all__ = [
     "ParamOperand",
     "as_convolution",
     "as_matmul",
+    "bimask_reason",
     "check_conv_weight",
     "check_weight",
     "describe_path",
@@ -289,4 +292,24 @@ def check_weight(val: torch.Tensor, n: int, m: int, policy: str, reduction_dim: 
         which = "both dims" if policy == "transposable" else f"dim {reduction_dim}"
         shape = tuple(val.shape)
         return f"weight shape {shape}: {which} must be multiples of m={m} ({policy} mask)"
+    return None
+
+
+def bimask_reason(shape: torch.Size | tuple[int, ...], m: int, reduction_dim: int = 1,
+                  groups: int = 1) -> str | None:
+    """Why a Bi-Mask backward mask cannot serve the grad-input GEMM of a weight of ``shape``
+    (``[out, in]``, or a kernel ``[out, in/groups, *kernel]``) whose forward reduces dim
+    ``reduction_dim``, or ``None`` if it can: the mask is N:M along the out dim after a
+    permutation of whole rows, so the weight must be laid out ``[out, in]`` with ``out`` a
+    multiple of ``m``, and a permutation must not mix the groups of a grouped convolution.
+    (:class:`nmcompile.state.MaskBank` solves masks only for weights :func:`bimask_shape_reason`
+    accepts.)"""
+    if reduction_dim != 1:
+        return "Bi-Mask masks [out, in] weights; this GEMM reads the weight as [in, out]"
+    reason = bimask_shape_reason(shape, m)
+    if reason is not None:
+        return reason
+    if groups != 1:
+        return ("Bi-Mask's output-channel permutation would mix the groups of a grouped "
+                "convolution")
     return None

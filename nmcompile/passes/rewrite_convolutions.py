@@ -44,6 +44,7 @@ from ._graph import take_place
 from .eligibility import (
     Convolution,
     as_convolution,
+    bimask_reason,
     check_conv_weight,
     describe_path,
     find_weight,
@@ -216,15 +217,15 @@ class ConvolutionRewrite:
         conv, policy = pair.conv, self.config.grad_input
         ext = self.joint.external.get(pair.param)
         mask, note, reason, blocker = pair.mask, "", None, None if _gemm(conv) else NO_KERNEL
-        if policy == "bimask" and ext is not None and ext.backward is not None:
-            if conv.groups == 1:
+        if policy == "bimask":
+            reason = bimask_reason(weight.meta["val"].shape, self.config.m, 1, conv.groups)
+            if reason is None and ext is not None and ext.backward is not None:
                 mask, note = ext.backward, " (bimask)"
                 blocker = "Bi-Mask's backward mask is N:M only after a row permutation"
-            else:
-                reason = ("Bi-Mask's output-channel permutation would mix the groups of a "
-                          "grouped convolution: exact masked gradient on a dense convolution")
         elif policy != "transposable":
-            reason = f"grad_input={policy!r}: exact masked gradient on a dense convolution"
+            reason = f"grad_input={policy!r}"
+        if reason is not None:
+            reason += ": exact masked gradient on a dense convolution"
         choice, packed = None, None
         if reason is None:
             w_shape = weight.meta["val"].shape

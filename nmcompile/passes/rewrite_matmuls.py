@@ -39,6 +39,7 @@ from .eligibility import (
     Matmul,
     ParamOperand,
     as_matmul,
+    bimask_reason,
     check_weight,
     describe_path,
     find_param,
@@ -128,15 +129,16 @@ class MatmulRewrite:
             return self._record(mm, "grad_input", p, "not the grad-input GEMM of its forward")
         if self.config.grad_input == "transposable":
             return self._record(mm, "grad_input", p, None, self._replace_grad_input(mm, p, mask))
+        reason = "grad_input='dense'"
         if self.config.grad_input == "bimask":
             ext = self.joint.external.get(p.param)
-            backward = ext.backward if ext is not None else None
-            if backward is not None and fwd.reduction_dim == 1:
-                became = self._replace_grad_input(mm, p, backward, bimask=True)
+            reason = bimask_reason(p.param.meta["val"].shape, self.config.m, fwd.reduction_dim)
+            if reason is None and ext is not None and ext.backward is not None:
+                became = self._replace_grad_input(mm, p, ext.backward, bimask=True)
                 return self._record(mm, "grad_input", p, None, became)
         became = self._mask_operand(mm, p, mask)
         return self._record(mm, "grad_input", p,
-                            "grad_input='dense': exact masked gradient on a dense GEMM", became)
+                            f"{reason}: exact masked gradient on a dense GEMM", became)
 
     def _no_param_reason(self, mm: Matmul) -> str:
         paths = [describe_path(x, self.names) for x in (mm.a, mm.b)]
