@@ -180,14 +180,16 @@ def test_inductor_compiles_the_conv_ops(tmp_path, grad_weight):
     assert bw.count("torch.ops.nm.conv_grad_input.default(") == 2
 
 
-def test_digits_example_trains_every_recipe():
+@pytest.mark.slow
+def test_digits_example_trains_on_the_bundled_images():
+    """The example end to end on two recipes (the others differ only in their options, each
+    tested above): dense, and Bi-Mask, whose mask bank also masks the 10-class head row-wise
+    (10 out-features: no backward mask, the exact gradient)."""
     pytest.importorskip("sklearn", reason="scikit-learn is an optional extra (nmcompile[cnn])")
     from examples.cnn_digits import main
 
-    results = main(["--steps", "4"])
-    assert [r["recipe"] for r in results] == ["dense", "2:4 transposable", "Bi-Mask",
-                                              "2:4 + dense tail"]
-    assert results[0]["masked"] == []
+    dense, bimask = main(["--steps", "3", "--recipes", "dense", "Bi-Mask"])
+    assert dense["masked"] == [] and 0.0 <= dense["test_accuracy"] <= 1.0
     convs = [f"stages.{i}.0.conv{j}.weight" for i in range(3) for j in (1, 2)]
-    assert set(convs) <= set(results[1]["masked"]) and "stem.0.weight" not in results[1]["masked"]
-    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in results)
+    assert set(convs) <= set(bimask["masked"]) and "fc.weight" in bimask["masked"]
+    assert "stem.0.weight" not in bimask["masked"]  # one input channel
