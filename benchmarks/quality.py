@@ -126,7 +126,8 @@ def cnn_table(results: list[dict]) -> str:
     for recipe in [r for r in RECIPES if r in by_recipe]:
         accs = [100 * r["test_accuracy"] for r in by_recipe[recipe]]
         mean, spread = sum(accs) / len(accs), (max(accs) - min(accs)) / 2
-        gap = "" if dense_mean is None else f"{mean - 100 * dense_mean:+.2f}"
+        gap = ("" if dense_mean is None or recipe == "dense"
+               else f"{mean - 100 * dense_mean:+.2f}")
         rows.append([recipe, f"{mean:.2f} ± {spread:.2f}", gap, len(accs),
                      by_recipe[recipe][0].get("sparse_weights", ""),
                      round(sum(r["wall_s"] for r in by_recipe[recipe]) / len(accs), 1)])
