@@ -45,8 +45,10 @@ class MaskSpec:
     """How the forward mask of one weight is computed.
 
     ``reduction_dim`` is the weight dim the forward GEMM reduces over (1 for ``nn.Linear``'s
-    ``[out, in]`` weight, 0 for a ``[in, out]`` weight used as ``x @ W``): a row-wise mask is
-    N:M along it. A transposable mask is N:M along both dims; ``method`` names its solver.
+    ``[out, in]`` weight and for a convolution kernel ``[out, in/groups, *kernel]``, 0 for a
+    ``[in, out]`` weight used as ``x @ W``): a row-wise mask is N:M along it (for a kernel, at
+    each kernel position: :func:`nmcompile.solvers.as_matrix`). A transposable mask is N:M
+    along both dims; ``method`` names its solver.
     """
 
     n: int
@@ -155,7 +157,8 @@ def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
 
 def compute_backward_mask(weight: torch.Tensor, forward: torch.Tensor,
                           spec: BackwardSpec) -> torch.Tensor:
-    """Bi-Mask backward mask ``F & B`` of an ``[out, in]`` weight (outside the graph)."""
+    """Bi-Mask backward mask ``F & B`` of an ``[out, in]`` weight or a convolution kernel
+    (outside the graph)."""
     generator = torch.Generator().manual_seed(spec.seed)
     result = bimask(weight.detach().cpu(), spec.n, spec.m, candidates=spec.candidates,
                     method=spec.method, forward_mask=forward.cpu(), generator=generator)
