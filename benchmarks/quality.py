@@ -1,8 +1,10 @@
 """Quality of the sparse recipe on longer runs: the demo's model and data, dense against 2:4
 sparse, over masked-decay strength, dense-tail fraction, mask refresh interval and MVUE, plus a
-model-size sweep.
+model-size sweep; and a CNN part: a small ResNet on scikit-learn's digits images, dense against
+2:4 transposable, Bi-Mask and 2:4 with a dense tail, over 3 seeds.
 
-    python benchmarks/quality.py [--steps 2000] [--out quality.jsonl] [--part grid|size|all]
+    python benchmarks/quality.py [--steps 2000] [--out quality.jsonl]
+                                 [--part grid|size|cnn|all] [--cnn-steps 300] [--threads 1]
 
 Each cell is one run of the demo's training loop (``nmcompile.demo``: TinyGPT byte-level on the
 standard library's sources, AdamW, the same batches, init and seed for every cell) reporting the
@@ -10,6 +12,10 @@ final validation loss, its gap to the dense run of the same size, the jump of th
 loss at the switch to the dense tail (first validation after the switch over the one at it),
 and the mean flip rate over the first 10% of steps. Results are appended to ``--out`` (JSON
 lines) as they finish, and cells already there are skipped, so an interrupted sweep resumes.
+
+A CNN cell is one run of ``nmcompile.demo.digits.train_digits`` (same init and batches per
+seed for every recipe) reporting the test accuracy; the table gives each recipe's mean over the
+seeds with the spread (half the range) and its gap to dense. About 7 minutes on one CPU core.
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ MVUE = (True, False)
 SIZES = (64, 96, 128)
 #: The best cell of the grid (BENCHMARKS.md): the demo's default recipe and the size sweep's.
 BEST = {"decay": 1e-4, "tail": 0.3, "interval": 1, "mvue": True}
+CNN_SEEDS = (0, 1, 2)
 
 
 def _key(cell: dict) -> str:
     return json.dumps({k: cell[k] for k in sorted(cell) if k in (
-        "recipe", "d_model", "steps", "decay", "tail", "interval", "mvue")}, sort_keys=True)
+        "part", "recipe", "seed", "d_model", "steps", "decay", "tail", "interval", "mvue")},
+        sort_keys=True)
 
 
 def run_cell(cell: dict, corpus) -> dict:
@@ -89,6 +97,44 @@ def cells(part: str, steps: int) -> list[dict]:
     return list(unique.values())
 
 
+def cnn_cells(steps: int) -> list[dict]:
+    from nmcompile.demo.digits import RECIPES
+
+    return [{"part": "cnn", "recipe": recipe, "seed": seed, "steps": steps}
+            for seed in CNN_SEEDS for recipe in RECIPES]
+
+
+def run_cnn_cell(cell: dict, data) -> dict:
+    from nmcompile.demo.digits import DigitsConfig, train_digits
+
+    result = train_digits(cell["recipe"], DigitsConfig(steps=cell["steps"], seed=cell["seed"]),
+                          data)
+    return {**cell, **{k: result[k] for k in ("test_accuracy", "final_loss", "wall_s")},
+            "sparse_weights": len(result["masked"])}
+
+
+def cnn_table(results: list[dict]) -> str:
+    """Test accuracy per recipe: mean ± spread (half the range) over seeds, gap to dense."""
+    from nmcompile.demo.digits import RECIPES
+
+    by_recipe: dict[str, list[dict]] = {}
+    for r in results:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    dense = by_recipe.get("dense")
+    dense_mean = sum(r["test_accuracy"] for r in dense) / len(dense) if dense else None
+    rows = []
+    for recipe in [r for r in RECIPES if r in by_recipe]:
+        accs = [100 * r["test_accuracy"] for r in by_recipe[recipe]]
+        mean, spread = sum(accs) / len(accs), (max(accs) - min(accs)) / 2
+        gap = ("" if dense_mean is None or recipe == "dense"
+               else f"{mean - 100 * dense_mean:+.2f}")
+        rows.append([recipe, f"{mean:.2f} ± {spread:.2f}", gap, len(accs),
+                     by_recipe[recipe][0].get("sparse_weights", ""),
+                     round(sum(r["wall_s"] for r in by_recipe[recipe]) / len(accs), 1)])
+    return tabulate(rows, headers=["recipe", "test accuracy %", "vs dense (points)", "seeds",
+                                   "sparse weights", "wall s"], tablefmt="github")
+
+
 def table(results: list[dict]) -> str:
     dense = {(r["d_model"], r["steps"]): r["final_val_loss"] for r in results
              if r["recipe"] == "dense"}
@@ -112,9 +158,13 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--cnn-steps", type=int, default=300)
     parser.add_argument("--out", default="quality.jsonl")
-    parser.add_argument("--part", choices=("grid", "size", "all"), default="all")
+    parser.add_argument("--part", choices=("grid", "size", "cnn", "all"), default="all")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     done = {}
     if out.exists():
@@ -122,18 +172,37 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 result = json.loads(line)
                 done[_key(result)] = result
-    corpus = load_corpus(DemoConfig().corpus_bytes)
-    for cell in cells(args.part, args.steps):
+    todo = [] if args.part == "cnn" else [(c, run_cell) for c in cells(args.part, args.steps)]
+    if args.part in ("cnn", "all"):
+        todo += [(c, run_cnn_cell) for c in cnn_cells(args.cnn_steps)]
+    inputs = {}
+    for cell, run in todo:
         if _key(cell) in done:
             continue
         print(f"running {cell}", flush=True)
-        result = run_cell(cell, corpus)
+        if run not in inputs:
+            inputs[run] = _inputs(run)
+        result = run(cell, inputs[run])
         done[_key(cell)] = result
         with out.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"  val loss {result['final_val_loss']:.4f} in {result['wall_s']} s", flush=True)
-    print(table([r for r in done.values() if r["steps"] == args.steps]))
+        print(f"  done in {result['wall_s']} s", flush=True)
+    if args.part != "cnn":
+        print(table([r for r in done.values()
+                     if r.get("part") != "cnn" and r["steps"] == args.steps]))
+    if args.part in ("cnn", "all"):
+        print(cnn_table([r for r in done.values()
+                         if r.get("part") == "cnn" and r["steps"] == args.cnn_steps]))
     return 0
+
+
+def _inputs(run):
+    """The data a cell runner takes: the demo's corpus, or the digits split."""
+    if run is run_cnn_cell:
+        from nmcompile.demo.digits import load_digits_split
+
+        return load_digits_split()
+    return load_corpus(DemoConfig().corpus_bytes)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Registered through the ``torch_dynamo_backends`` entry point, so no import is needed. The
 backend validates the options, finds which graph inputs are parameters, and compiles the graph
-with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.rewrite_matmuls`)
+with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.sparsify_graph`)
 installed as Inductor's ``joint_custom_pre_pass`` so it sees forward and backward together.
 AOTAutograd traces with Inductor's decompositions plus those of the fused ops that read linear
 weights (:mod:`nmcompile.passes.fused_ops`: the eval fast paths of ``nn.MultiheadAttention``
@@ -43,7 +43,8 @@ from .kernels import SPARSE_LABEL, autocast_dtypes, packing_dtype
 from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
 from .names import ParameterNames, compiled_module, name_of, source_path, source_text
 from .passes.fused_ops import decomposition_table
-from .passes.rewrite_matmuls import GraphInput, MatmulRecord, RewriteMatmuls
+from .passes.joint import MatmulRecord
+from .passes.sparsify_graph import GraphInput, SparsifyGraph
 from .schedule import Schedule
 from .state import MaskBank, masks_for_call, register_on_call
 
@@ -62,7 +63,8 @@ class NMOptionError(ValueError, ShortenTraceback):
 
 def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable:
-    """Compile a Dynamo graph with every parameter matmul rewritten to N:M sparse ops.
+    """Compile a Dynamo graph with every parameter matmul and convolution rewritten to N:M
+    sparse ops.
 
     Options are validated first, before AOTAutograd traces anything; a bad one raises
     :class:`NMOptionError` (a ``ValueError``) naming the key and the valid choices.
@@ -114,7 +116,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
     dense_source = _dense_source(gm, example_inputs) if config.scheduled else None
     bank = mask_inputs = None
     candidates = {p.position: example_inputs[p.position] for p in params
-                  if example_inputs[p.position].dim() == 2
+                  if example_inputs[p.position].dim() >= 2
                   and example_inputs[p.position].is_floating_point()}
     packing = _packing(config, gm, params, candidates)
     if config.masks_outside_graph or packing:
@@ -123,7 +125,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
         gm = _append_inputs(gm, len(bank.tensors))
         example_inputs += bank.tensors
 
-    def on_rewrite(before: str, after: str, rewrite: RewriteMatmuls) -> None:
+    def on_rewrite(before: str, after: str, rewrite: SparsifyGraph) -> None:
         records = rewrite.records
         if bank is not None:
             bank.attach(rewrite.specs, rewrite.packed_used)
@@ -133,7 +135,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
             dump.write("joint_after.py", after)
             dump.write_records(records, config.to_dict(), rewrite.symbols)
 
-    rewrite = RewriteMatmuls(config, {p.position: p for p in params},
+    rewrite = SparsifyGraph(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,
                              bank.pack_failures if bank is not None else None,
                              _prior_specs(gm, example_inputs, params))
@@ -307,7 +309,7 @@ def _prior_specs(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
 
 def _compare_with_earlier_graphs(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                                 params: Sequence[GraphInput], rewrite: RewriteMatmuls) -> None:
+                                 params: Sequence[GraphInput], rewrite: SparsifyGraph) -> None:
     """Warn once per parameter that this graph masks while a graph compiled earlier reads it
     with its dense value (one that saw no GEMM it could mask, e.g. only a fused op or a slice
     of it); note this graph's own dense reads for the graphs compiled later."""
@@ -449,7 +451,7 @@ def _source(node: fx.Node) -> Any:
     return getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
 
 
-def _apply(rewrite: RewriteMatmuls, gm: fx.GraphModule) -> fx.GraphModule:
+def _apply(rewrite: SparsifyGraph, gm: fx.GraphModule) -> fx.GraphModule:
     rewrite(gm.graph)
     gm.recompile()
     return gm
@@ -464,7 +466,7 @@ def _dump_then_compile(gm: fx.GraphModule, example_inputs: Any, *, dump: GraphDu
     return compile_fx_inner(gm, example_inputs, **kwargs)
 
 
-def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
+def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: SparsifyGraph,
                       dump: GraphDump | None) -> Callable:
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -476,7 +478,7 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: Rewrite
                           decompositions=decomposition_table())
 
 
-def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
+def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: SparsifyGraph,
                      dump: GraphDump | None) -> Callable:
     """AOTAutograd without Inductor: the rewritten graphs run op by op (fast to compile)."""
     from functorch.compile import make_boxed_func

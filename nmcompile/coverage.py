@@ -11,7 +11,8 @@ own) is compiled and masked. Nothing in torch says so.
 So at the first optimizer step after a module was compiled with the ``nm`` backend, every
 parameter of it that
 
-* is a 2-D floating-point weight that took a gradient (it trained), not an embedding's,
+* is a floating-point weight of two or more dims (a linear or convolution weight, any rank)
+  that took a gradient (it trained), not an embedding's,
 * passes the layer filter (``include``/``exclude``/``param_filter``, ``min_numel``), and
 * was read by no ``nm`` graph (for an FSDP2 parameter: its unsharded copy was not)
 
@@ -81,7 +82,7 @@ def unread(root: nn.Module, config: NMConfig) -> dict[str, str]:
                   for p in m.parameters(recurse=False)}
     found = {}
     for name, param in root.named_parameters():
-        if (param.dim() != 2 or not param.is_floating_point() or not param.requires_grad
+        if (param.dim() < 2 or not param.is_floating_point() or not param.requires_grad
                 or param.grad is None or id(param) in embeddings
                 or param.numel() < config.min_numel or config.excludes(name, param)):
             continue

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .solvers import bimask, nm_mask, transposable_mask, transposable_mask_scored
+from .solvers import (
+    as_matrix,
+    bimask,
+    from_matrix,
+    nm_mask,
+    transposable_mask,
+    transposable_mask_scored,
+)
 
 __all__ = [
     "BackwardSpec",
@@ -38,8 +45,10 @@ class MaskSpec:
     """How the forward mask of one weight is computed.
 
     ``reduction_dim`` is the weight dim the forward GEMM reduces over (1 for ``nn.Linear``'s
-    ``[out, in]`` weight, 0 for a ``[in, out]`` weight used as ``x @ W``): a row-wise mask is
-    N:M along it. A transposable mask is N:M along both dims; ``method`` names its solver.
+    ``[out, in]`` weight and for a convolution kernel ``[out, in/groups, *kernel]``, 0 for a
+    ``[in, out]`` weight used as ``x @ W``): a row-wise mask is N:M along it (for a kernel, at
+    each kernel position: :func:`nmcompile.solvers.as_matrix`). A transposable mask is N:M
+    along both dims; ``method`` names its solver.
     """
 
     n: int
@@ -146,14 +155,15 @@ def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
         if spec.method == "patterns":
             return transposable_mask_scored(weight, spec.n, spec.m)
         return transposable_mask(weight, spec.n, spec.m, method=spec.method)
-    if spec.reduction_dim == 1:
-        return nm_mask(weight, spec.n, spec.m)
+    if spec.reduction_dim == 1:  # a convolution kernel: along in-channels, per kernel position
+        return from_matrix(nm_mask(as_matrix(weight), spec.n, spec.m), weight.shape)
     return nm_mask(weight.t(), spec.n, spec.m).t()
 
 
 def compute_backward_mask(weight: torch.Tensor, forward: torch.Tensor,
                           spec: BackwardSpec) -> torch.Tensor:
-    """Bi-Mask backward mask ``F & B`` of an ``[out, in]`` weight (outside the graph)."""
+    """Bi-Mask backward mask ``F & B`` of an ``[out, in]`` weight or a convolution kernel
+    (outside the graph)."""
     generator = torch.Generator().manual_seed(spec.seed)
     result = bimask(weight.detach().cpu(), spec.n, spec.m, candidates=spec.candidates,
                     method=spec.method, forward_mask=forward.cpu(), generator=generator)

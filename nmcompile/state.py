@@ -43,6 +43,7 @@ from .masking import (
     register,
 )
 from .schedule import phase_of
+from .solvers.bimask import bimask_shape_reason
 
 __all__ = ["MaskBank", "apply_masks", "load_mask_state_dict", "mask_state_dict", "masks",
            "masks_for_call", "register_on_call", "stats", "weight_token"]
@@ -194,7 +195,9 @@ class MaskBank:
         cfg = self.config
         for pos, spec in specs.items():
             backward = None
-            if self._slots[pos].backward is not None and spec.reduction_dim == 1:
+            shape = self.tensors[self._slots[pos].forward].shape
+            if (self._slots[pos].backward is not None and spec.reduction_dim == 1
+                    and bimask_shape_reason(shape, spec.m) is None):
                 backward = BackwardSpec(cfg.n, cfg.m, cfg.bimask_candidates, cfg.bimask_method)
             self._specs[pos] = (spec, backward, tuple(sorted((packed_used or {}).get(pos, ()))))
 
@@ -286,8 +289,10 @@ def _new_mask(param: torch.Tensor) -> torch.Tensor:
 
 def _new_pack(param: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Pack:
     """An empty compressed-weight buffer for ``param`` (its size is the library's), with the
-    writer that will fill it (:func:`nmcompile.refresh.pack_writer`)."""
-    shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
+    writer that will fill it (:func:`nmcompile.refresh.pack_writer`); a pointwise convolution
+    kernel is compressed as its ``[out, in]`` matrix (``flatten(1)``)."""
+    shape = (param.shape[0], param[0].numel())
+    shape = shape[::-1] if transposed else shape
     with torch.no_grad():
         blob = cusparselt.compress(torch.zeros(shape, dtype=dtype, device=param.device))
     writer, arch, label = refresh.pack_writer(param, dtype, transposed)

@@ -125,13 +125,16 @@ def packing_dtype(policy: str, param: torch.Tensor,
     (so that its compressed copies are worth keeping), else ``None``.
 
     bf16/fp16 weights run in their own dtype; fp32 weights in the autocast dtype of their device
-    if autocast is on. Shapes must pass the compressed-operand contract both ways.
+    if autocast is on. Shapes must pass the compressed-operand contract both ways. A
+    convolution kernel qualifies if it is pointwise (``[out, in, 1, ...]``: its GEMM weight is
+    ``param.flatten(1)``); no other kernel is a GEMM operand.
     """
-    if policy == "emulate" or param.dim() != 2 or cusparselt.device_reason(param.device):
+    if (policy == "emulate" or param.dim() < 2 or any(s != 1 for s in param.shape[2:])
+            or cusparselt.device_reason(param.device)):
         return None
     dtype = param.dtype
     if dtype == torch.float32:
         dtype = autocast.get(param.device.type, dtype)
-    if cusparselt.sparse_operand_reason(*param.shape, dtype) is not None:
+    if cusparselt.sparse_operand_reason(*param.shape[:2], dtype) is not None:
         return None
     return dtype
