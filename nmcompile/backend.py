@@ -50,6 +50,9 @@ __all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
 log = logging.getLogger(__name__)
 
+# before the first compile: a frame first called inside a torch.func transform must be seen
+watch_eager_fallback()
+
 
 class NMOptionError(ValueError, ShortenTraceback):
     """A bad ``options`` entry. A ``ValueError`` that Dynamo passes to the caller unwrapped."""
@@ -74,7 +77,6 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
-    watch_eager_fallback()  # past the recompile limit its calls would run dense: warn then
     root = compiled_module()
     coverage.watch(root, config)  # its weights no graph reads train dense: warn then
     names = ParameterNames(root)
