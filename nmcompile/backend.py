@@ -33,7 +33,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import coverage, fsdp
+from . import coverage, dense_grads, fsdp
 from .config import NMConfig
 from .dump import GraphDump
 from .fallback import DenseFallbackWarning, user_stacklevel
@@ -151,6 +151,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
             lambda: _compile_dense(*dense_source, config),
             lambda args: masks_for_call(rewrite.specs, bank, args),
             dump.note_phase if dump is not None else None)
+    wrapped = dense_grads.track(wrapped, list(rewrite.specs))  # eager gradients: warn
     return _skip_fake_calls(wrapped, compiled, extra)
 
 
