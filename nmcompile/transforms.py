@@ -85,14 +85,16 @@ def on_refusal(error: Exception, code: Any, f_locals: dict[str, Any]) -> str:
 def transform_chain(frame: FrameType | None = None) -> str:
     """The ``torch.func`` calls the current frame is inside, outermost first:
     ``torch.func.vmap > torch.func.grad > torch.func.functional_call``; calls torch.func makes
-    itself (``jacfwd``'s ``vmap``) are left out. Without such a frame on the stack, the active
-    functorch transform levels (``functorch transforms vmap > grad``)."""
+    itself of its own functions (``jacfwd``'s ``vmap``) are left out. Without such a frame on
+    the stack, the active functorch transform levels (``functorch transforms vmap > grad``)."""
     found = []
     frame = frame or sys._getframe(1)
     while frame is not None:
         name = _public_name(frame)
         caller = frame.f_back
-        if name is not None and (caller is None or not _in_functorch(caller)):
+        internal = (caller is not None and _in_functorch(caller)
+                    and _in_functorch_code(frame.f_locals.get("func")))
+        if name is not None and not internal:
             found.append(f"torch.func.{name}")
         frame = caller
     if found:
@@ -107,11 +109,18 @@ def _in_functorch(frame: FrameType) -> bool:
     return os.path.realpath(frame.f_code.co_filename).startswith(_FUNCTORCH_DIR)
 
 
+def _in_functorch_code(func: Any) -> bool:
+    """Whether ``func`` (the function a transform's frame transforms) is torch.func's own."""
+    code = getattr(func, "__code__", None)
+    return code is not None and os.path.realpath(code.co_filename).startswith(_FUNCTORCH_DIR)
+
+
 def _public_name(frame: FrameType) -> str | None:
     """``vmap`` for the frame of ``torch.func.vmap``'s wrapper (``vmap.<locals>.wrapped``),
-    ``functional_call`` for ``torch.func.functional_call``; ``None`` for any other frame."""
+    ``functional_call`` for ``torch.func.functional_call``; ``None`` for any other frame
+    (``jacfwd.<locals>.wrapper_fn.<locals>.push_jvp`` included)."""
     if not _in_functorch(frame):
         return None
     qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
     name = qualname.split(".", 1)[0]
-    return name if name in PUBLIC else None
+    return name if name in PUBLIC and qualname.count("<locals>") <= 1 else None

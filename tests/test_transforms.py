@@ -17,10 +17,11 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
 
 import nmcompile
 from nmcompile import DenseFallbackWarning
+from nmcompile.transforms import transform_chain
 from tests.reference import check_against_masked_reference, masked_reference
 
 
@@ -53,10 +54,20 @@ def _param_grads(m, x):
     return torch.cat([g.reshape(-1) for g in found.values()])
 
 
+def _per_sample_grads(m, x):
+    """vmap over grad over functional_call: per-sample gradients of every parameter."""
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    found = vmap(grad(lambda p, x: functional_call(m, p, (x,)).square().sum()),
+                 in_dims=(None, 0))(params, x[:3])
+    return torch.cat([g.reshape(3, -1) for g in found.values()], dim=1)
+
+
 TRANSFORMS = {"grad": (_grad_input, "torch.func.grad"),
               "vmap": (_per_sample, "torch.func.vmap"),
               "jacrev": (_jacobian, "torch.func.jacrev"),
-              "functional_call": (_param_grads, "torch.func.grad > torch.func.functional_call")}
+              "functional_call": (_param_grads, "torch.func.grad > torch.func.functional_call"),
+              "per_sample_grads": (_per_sample_grads, "torch.func.vmap > torch.func.grad > "
+                                                      "torch.func.functional_call")}
 
 
 def _setup():
@@ -118,13 +129,16 @@ def test_a_compiled_transform_runs_sparse(name):
     torch.manual_seed(0)
     model = Mlp()
     x = torch.randn(8, 32)
-    param_grads = transform is _param_grads
 
-    def apply(x):
-        if param_grads:  # the model's own Parameters: the backend masks what it reads as those
+    def apply(x):  # the model's own Parameters: the backend masks what it reads as those
+        if transform is _param_grads:
             found = grad(lambda p: functional_call(model, p, (x,)).square().sum())(
                 dict(model.named_parameters()))
             return torch.cat([g.reshape(-1) for g in found.values()])
+        if transform is _per_sample_grads:
+            found = vmap(grad(lambda p, x: functional_call(model, p, (x,)).square().sum()),
+                         in_dims=(None, 0))(dict(model.named_parameters()), x[:3])
+            return torch.cat([g.reshape(3, -1) for g in found.values()], dim=1)
         return transform(model, x)
 
     with warnings.catch_warnings():
@@ -183,3 +197,28 @@ def test_first_call_inside_a_transform_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300, check=True)
     assert out.stdout.split("\n")[:2] == ["1", "['0.weight', '2.weight']"], out.stdout
+
+
+class _Recorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.seen: list[str] = []
+
+    def forward(self, x):
+        self.seen.append(transform_chain())
+        return self.fc(x)
+
+
+def test_the_transform_named_is_the_user_s_call():
+    """What the warning names: the user's torch.func calls, outermost first, not the ones
+    torch.func makes itself (jacfwd's vmap; hessian is jacfwd over jacrev)."""
+    m, x = _Recorder(), torch.randn(2, 4)
+    params = dict(m.named_parameters())
+    vmap(m)(x)
+    jacfwd(m)(x)
+    hessian(lambda x: m(x).sum())(x)
+    vmap(grad(lambda p, x: functional_call(m, p, (x,)).sum()), in_dims=(None, 0))(params, x)
+    assert m.seen == ["torch.func.vmap", "torch.func.jacfwd",
+                      "torch.func.jacfwd > torch.func.jacrev",
+                      "torch.func.vmap > torch.func.grad > torch.func.functional_call"]
