@@ -158,10 +158,11 @@ def _message(found: list[torch.Tensor]) -> str:
         if not names:
             continue
         reasons = eager_reasons(root)
-        why = ("; ".join(f"{frame}: {reason}" for frame, reason in reasons.items()) if reasons
-               else "no failed compile was seen; TORCH_LOGS=graph_breaks,recompiles shows "
-                    "which code Dynamo ran eagerly")
-        parts.append(f"{class_name(root)} {names} (why: {why})")
+        why = ("Dynamo's latest reason for running its frames eagerly: "
+               + "; ".join(f"{frame}: {reason}" for frame, reason in reasons.items())
+               if reasons else "no failed compile was seen; TORCH_LOGS=graph_breaks,"
+                               "recompiles shows which code Dynamo ran eagerly")
+        parts.append(f"{class_name(root)} {names} ({why})")
     if left:
         parts.append(f"{len(left)} weight(s) of shapes "
                      f"{sorted(tuple(w.shape) for w in left.values())}")
