@@ -34,7 +34,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import coverage, fsdp
+from . import coverage, dense_grads, fsdp
 from .config import NMConfig
 from .dump import GraphDump
 from .fallback import DenseFallbackWarning, user_stacklevel
@@ -51,6 +51,9 @@ from .state import MaskBank, masks_for_call, register_on_call
 __all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
 log = logging.getLogger(__name__)
+
+# before the first compile: a frame first called inside a torch.func transform must be seen
+watch_eager_fallback()
 
 
 class NMOptionError(ValueError, ShortenTraceback):
@@ -77,7 +80,6 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
-    watch_eager_fallback()  # past the recompile limit its calls would run dense: warn then
     root = compiled_module()
     coverage.watch(root, config)  # its weights no graph reads train dense: warn then
     names = ParameterNames(root)
@@ -154,6 +156,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
             lambda: _compile_dense(*dense_source, config),
             lambda args: masks_for_call(rewrite.specs, bank, args),
             dump.note_phase if dump is not None else None)
+    wrapped = dense_grads.track(wrapped, list(rewrite.specs))  # eager gradients: warn
     return _skip_fake_calls(wrapped, compiled, extra)
 
 
