@@ -43,6 +43,23 @@ than cuBLAS at every FFN shape; the algorithm ``torch._cslt_sparse_mm_search`` p
 every shape) was 1.22-1.56x faster with the same error, which is why the cost rule searches
 (:mod:`.cost`). An eager ``_cslt_sparse_mm`` call costs about 0.4 ms of host time (the
 library's descriptors and plan are rebuilt at each call); CUDA graphs remove it.
+
+**Which torch releases cache cuSPARSELt plans themselves** (pytorch/pytorch PR #179642, April
+2026: a per-thread plan cache inside ``_cslt_sparse_mm``, logging ``[cuSPARSELt CACHE MISS]`` /
+``[cuSPARSELt CACHE HIT]``): **none, through torch 2.14.1**. Checked on 2026-12-03 in the Linux
+x86-64 CUDA 13.0 wheels on PyPI (cp312, ``manylinux_2_28``) of torch 2.11.0, 2.12.0, 2.12.1,
+2.13.0, 2.14.0 and 2.14.1 (2.15.0 could not be fetched from here): ``torch/lib/
+libtorch_cuda.so`` of each holds neither log string, but holds torch's own cuSPARSELt messages
+(the control); and in case the strings were dropped before landing, its machine code calls
+``cusparseLtMatmulPlanInit``, ``cusparseLtMatmulPlanDestroy``, ``cusparseLtMatmul`` and
+``cusparseLtMatmulSearch`` from one call site each and ``cusparseLtMatDescriptorDestroy`` from
+three: one function that builds, runs and destroys a plan at every call, as before the PR (whose
+code adds a second ``PlanInit`` site and destroys four cached descriptors on eviction).
+``scripts/torch_plan_cache.py WHEEL...`` repeats the check. The wheels pin
+``nvidia-cusparselt-cu13`` 0.8.0 (torch 2.11.0) and 0.8.1 (2.12.0 on). So every torch version
+gets nmcompile's own plan cache: the calls below go through :mod:`.cusparselt_plans` (the same
+library, descriptors and plan built once per shape and reused; about 0.4 ms less host time per
+call) wherever it serves, else through ``torch._cslt_sparse_mm``.
 """
 
 from __future__ import annotations
