@@ -551,7 +551,7 @@ class _Rewriter:
             else:
                 packed = ext.packed_t if transposed else ext.packed
         choice = choose(cfg.kernels, role, device=val.device, dtype=val.dtype, m=m, k=k, n=n,
-                        blocker=blocker, graphs=cfg.uses_cuda_graphs)
+                        blocker=blocker, graphs=cfg.uses_cuda_graphs, micro_steps=cfg.micro_steps)
         if not choice.sparse:
             return choice, None
         if packed is not None:

@@ -12,6 +12,7 @@ from torch import nn
 
 import nmcompile
 from nmcompile.kernels import cost
+from nmcompile.kernels import measure as measure_mod
 
 CPU = torch.device("cpu")
 
@@ -166,7 +167,7 @@ def _fake_timer(cslt, fast_alg: int):
 @pytest.mark.parametrize("role", ["forward", "grad_input", "grad_weight"])
 def test_measure_keeps_a_searched_algorithm_only_if_right_and_faster(cslt, monkeypatch, role):
     cslt.search_result = 5
-    monkeypatch.setattr(cost, "timer", _fake_timer(cslt, fast_alg=5))
+    monkeypatch.setattr(measure_mod, "timer", _fake_timer(cslt, fast_alg=5))
     shape = cost.GemmShape(role, 32, 64, 48, torch.bfloat16)
     found = cost.measure(CPU, shape)
     assert found.alg_id == 5 and found.sparse_ms == 0.5 and found.alg0_ms == 2.0
