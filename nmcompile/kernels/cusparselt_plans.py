@@ -41,12 +41,16 @@ from torch.utils._python_dispatch import _disable_current_modes
 from . import cusparselt_lib as lt
 from .plan_cache import MAX_PLANS, PlanCache, PlanKey, key_of
 
-__all__ = ["ENV_PLANS", "CachedPlans", "PlanKey", "failures", "for_device", "status", "using"]
+__all__ = ["ENV_PLANS", "PROFILER_NAME", "CachedPlans", "PlanKey", "failures", "for_device",
+           "status", "using"]
 
 log = logging.getLogger(__name__)
 #: ``0`` turns the cached-plan path off: every sparse GEMM goes through ``torch._cslt_sparse_mm``
 ENV_PLANS = "NMCOMPILE_CSLT_PLANS"
 _OK = "ok"
+#: the name of a cached-plan call in ``torch.profiler`` traces
+PROFILER_NAME = "nm::cslt_matmul"
+_profiling = torch.autograd._profiler_enabled
 
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -115,6 +119,9 @@ class CachedPlans:
         if verdict != _OK:
             return None
         try:
+            if _profiling():  # the profiler's name for these calls (torch's: aten::_cslt_*)
+                with torch.profiler.record_function(PROFILER_NAME):
+                    return self._run(key, a, b, bias)
             return self._run(key, a, b, bias)
         except lt.CusparseltError as error:  # a checked key failing later: torch from now on
             self._fail(key, str(error))
