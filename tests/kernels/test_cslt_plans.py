@@ -281,14 +281,24 @@ def _train(dump, steps=2):
     return torch.stack(losses), list(model.parameters()), kernels
 
 
-def test_a_compiled_step_runs_on_plans_checked_when_compiled(cslt, tmp_path):
+def test_a_compiled_step_runs_on_plans_checked_when_compiled(cslt, tmp_path, monkeypatch):
     """The three GEMM roles of a bf16 MLP (MVUE grad-weight) run on cached plans, with torch's
     numbers; every key the step uses was predicted and checked when the graph was compiled."""
     ref_losses, ref_params, _ = _train(tmp_path / "torch")
     lib = FakeCusparseLt(cslt)
+    at_compile: set = set()
+    real_note = cusparselt.plans_note
+
+    def note(*args, **kwargs):
+        found = real_note(*args, **kwargs)
+        at_compile.update(plans._verdicts)
+        return found
+
+    monkeypatch.setattr(cusparselt, "plans_note", note)
     with cusparselt_plans.using(lib) as plans:
         losses, params, kernels = _train(tmp_path / "plans")
         stats = plans.stats()
+    assert at_compile and set(plans._verdicts) == at_compile  # none first met at run time
     assert torch.equal(losses, ref_losses)
     assert all(torch.equal(p, q) for p, q in zip(params, ref_params, strict=True))
     assert {role for role, _ in kernels} == {"forward", "grad_input", "grad_weight"}
