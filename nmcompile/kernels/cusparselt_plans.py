@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
 from . import cusparselt_lib as lt
-from .plan_cache import MAX_PLANS, PlanCache, PlanKey, key_of
+from .plan_cache import MAX_PLANS, PlanCache, PlanKey, key_of, operand_pointers
 
 __all__ = ["ENV_PLANS", "PROFILER_NAME", "CachedPlans", "PlanKey", "failures", "for_device",
            "status", "using"]
@@ -128,7 +128,7 @@ class CachedPlans:
             return None
 
     def _run(self, key: PlanKey, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
-        ptrs = _operand_pointers(key, a, b, bias)
+        ptrs = operand_pointers(key, a, b, bias)
         cache = self.cache()
         plan = cache.plan(key, ptrs[2])
         if a.numel() * a.element_size() < plan.compressed_bytes:
@@ -208,32 +208,6 @@ class CachedPlans:
         return {"plans": sum(len(c.plans) for c in caches),
                 "hits": sum(c.hits for c in caches), "misses": sum(c.misses for c in caches),
                 "evictions": sum(c.evictions for c in caches)}
-
-
-def _operand_pointers(key: PlanKey, a: Tensor, b: Tensor,
-                      bias: Tensor | None) -> tuple[int, int, int | None]:
-    """The data pointers of ``a``, ``b`` and ``bias``; raises ``ValueError`` for what the
-    library would misread: a strided or misaligned operand, another dtype or length."""
-    tight = (b.stride(0) == 1 and b.stride(1) == key.k) or b.t().is_contiguous() \
-        if key.b_transposed else True  # not transposed: contiguous (the key says so)
-    if not tight or not a.is_contiguous():
-        raise ValueError(f"cuSPARSELt plans: operands {tuple(a.shape)} {a.stride()} and "
-                         f"{tuple(b.shape)} {b.stride()} are not laid out as the library reads "
-                         "them")
-    if b.dtype != a.dtype or key.dtype not in lt.DATA_TYPES:
-        raise ValueError(f"cuSPARSELt plans: dtypes {a.dtype} and {b.dtype}")
-    if bias is None:
-        ptrs = a.data_ptr(), b.data_ptr(), None
-    else:
-        if bias.dim() != 1 or bias.shape[0] != key.m or bias.dtype != a.dtype or (
-                bias.stride(0) != 1):
-            raise ValueError(f"cuSPARSELt plans: bias {bias.dtype} {tuple(bias.shape)} for "
-                             f"m={key.m}")
-        ptrs = a.data_ptr(), b.data_ptr(), bias.data_ptr()
-    if (ptrs[0] | ptrs[1] | (ptrs[2] or 0)) % lt.ALIGNMENT:
-        raise ValueError(f"cuSPARSELt plans: an operand is not {lt.ALIGNMENT}-byte aligned "
-                         f"({', '.join(hex(p) for p in ptrs if p is not None)})")
-    return ptrs
 
 
 _PATHS: dict[torch.device, CachedPlans | str] = {}

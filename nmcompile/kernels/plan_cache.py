@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import cusparselt_lib as lt
 
-__all__ = ["MAX_PLANS", "Plan", "PlanCache", "PlanKey", "key_of"]
+__all__ = ["MAX_PLANS", "Plan", "PlanCache", "PlanKey", "key_of", "operand_pointers"]
 
 log = logging.getLogger(__name__)
 #: Plans one (thread, device) cache keeps before it evicts the least recently used
@@ -62,6 +62,32 @@ def key_of(a: Tensor, b: Tensor, bias: Tensor | None, transpose_result: bool,
     contiguous or the transpose of a contiguous matrix, as torch reads it)."""
     return PlanKey(a.shape[0], b.shape[0], b.shape[1], a.dtype, not b.is_contiguous(),
                    transpose_result, bias is not None, alg_id)
+
+
+def operand_pointers(key: PlanKey, a: Tensor, b: Tensor,
+                      bias: Tensor | None) -> tuple[int, int, int | None]:
+    """The data pointers of ``a``, ``b`` and ``bias``; raises ``ValueError`` for what the
+    library would misread: a strided or misaligned operand, another dtype or length."""
+    tight = (b.stride(0) == 1 and b.stride(1) == key.k) or b.t().is_contiguous() \
+        if key.b_transposed else True  # not transposed: contiguous (the key says so)
+    if not tight or not a.is_contiguous():
+        raise ValueError(f"cuSPARSELt plans: operands {tuple(a.shape)} {a.stride()} and "
+                         f"{tuple(b.shape)} {b.stride()} are not laid out as the library reads "
+                         "them")
+    if b.dtype != a.dtype or key.dtype not in lt.DATA_TYPES:
+        raise ValueError(f"cuSPARSELt plans: dtypes {a.dtype} and {b.dtype}")
+    if bias is None:
+        ptrs = a.data_ptr(), b.data_ptr(), None
+    else:
+        if bias.dim() != 1 or bias.shape[0] != key.m or bias.dtype != a.dtype or (
+                bias.stride(0) != 1):
+            raise ValueError(f"cuSPARSELt plans: bias {bias.dtype} {tuple(bias.shape)} for "
+                             f"m={key.m}")
+        ptrs = a.data_ptr(), b.data_ptr(), bias.data_ptr()
+    if (ptrs[0] | ptrs[1] | (ptrs[2] or 0)) % lt.ALIGNMENT:
+        raise ValueError(f"cuSPARSELt plans: an operand is not {lt.ALIGNMENT}-byte aligned "
+                         f"({', '.join(hex(p) for p in ptrs if p is not None)})")
+    return ptrs
 
 
 def _opaque(keep: list) -> int:
