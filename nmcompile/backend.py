@@ -367,7 +367,10 @@ def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
     """A copy of ``gm`` with ``count`` more (mask) placeholders after its own inputs.
 
     Dynamo's own graph is left untouched (it reads its placeholders after the backend
-    returns); the Dynamo metadata AOTAutograd reads is carried over to the copy.
+    returns); the Dynamo metadata AOTAutograd reads is carried over to the copy. The new
+    inputs are static (as Dynamo marks parameters): under CUDA graphs (``reduce-overhead``)
+    they are read in place, not copied into the graph at each replay; their tensors (a mask
+    bank's persistent buffers, updated in place) keep their addresses, so no re-record.
     """
     copied = _copy_graph(gm)
     graph = copied.graph
@@ -376,6 +379,7 @@ def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
         with graph.inserting_after(last):
             last = graph.placeholder(f"nm_mask_{i}")
         last._dynamo_source = None  # no user-code source, like DDPOptimizer's own inputs
+        last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     copied.recompile()
     return copied
 

@@ -112,6 +112,10 @@ class NMConfig:
         mode: Inductor's compile mode, one of :data:`MODES` (``torch.compile(mode=...)`` sets
             it too, when no ``options`` are given): ``reduce-overhead`` captures the compiled
             graphs in CUDA graphs, ``max-autotune`` also tunes Inductor's kernels.
+        micro_steps: calls of the compiled module per optimizer step (gradient accumulation)
+            that ``kernels="auto"``'s cost rule assumes: a weight's compressed copies are made
+            once per optimizer step, so their cost is shared by this many GEMM calls
+            (:mod:`nmcompile.kernels.cost`).
         sparse_start: optimizer steps of dense training before the sparse phase (0: sparse from
             the start); see :mod:`nmcompile.schedule`.
         sparse_stop: the optimizer step from which training is dense again, after the masked
@@ -139,19 +143,20 @@ class NMConfig:
     inductor: bool = True
     kernels: str = "auto"
     mode: str = "default"
+    micro_steps: int = 1
     sparse_start: int = 0
     sparse_stop: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("n", "m", "mvue_n", "mvue_m", "min_numel", "bimask_candidates",
-                    "mask_interval"):
+                    "mask_interval", "micro_steps"):
             if not _is_int(getattr(self, key)):
                 raise ValueError(f"NMConfig.{key} must be an int, got {getattr(self, key)!r}")
         if not 0 < self.n < self.m:
             raise ValueError(f"NMConfig.n and .m need 0 < n < m, got n={self.n}, m={self.m}")
         if self.min_numel < 0:
             raise ValueError(f"NMConfig.min_numel must be >= 0, got {self.min_numel}")
-        for key in ("bimask_candidates", "mask_interval"):
+        for key in ("bimask_candidates", "mask_interval", "micro_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"NMConfig.{key} must be >= 1, got {getattr(self, key)}")
         for key, choices in (

@@ -37,6 +37,8 @@ def test_config_object_and_overrides():
         ({"n": 4, "m": 8, "transposable_method": "patterns"}, ["m <= 4", "'mcf'"]),
         ({"forward": "transposable", "grad_input": "bimask"}, ["grad_input='bimask'", "rowwise"]),
         ({"mask_interval": 0}, ["mask_interval", ">= 1"]),
+        ({"micro_steps": 0}, ["micro_steps", ">= 1"]),
+        ({"micro_steps": 2.0}, ["NMConfig.micro_steps", "int"]),
         ({"grad_weight": "fst", "n": 3, "m": 4}, ["grad_weight='fst'", "n to divide m", "3:4"]),
         ({"bimask_method": "best"}, ["bimask_method='best'", "optimized"]),
         ({"forward": "rowwise", "grad_input": "transposable"}, ["grad_input='dense'"]),

@@ -162,7 +162,8 @@ class JointRewrite:
         if blocker is None:
             blocker = self._pack_blocker(role, param, val.dtype)
         choice = choose(cfg.kernels, role, device=val.device, dtype=val.dtype, m=m, k=k,
-                        n=tokens, blocker=blocker, graphs=cfg.uses_cuda_graphs)
+                        n=tokens, blocker=blocker, graphs=cfg.uses_cuda_graphs,
+                        micro_steps=cfg.micro_steps)
         if not choice.sparse:
             return choice, None
         ext = self.external[param]
@@ -194,7 +195,8 @@ class JointRewrite:
         if blocker is None and not implies_2_4(*ratio):
             blocker = f"{ratio[0]}:{ratio[1]} pruning is not 2:4"
         return choose(cfg.kernels, "grad_weight", device=val.device, dtype=val.dtype, m=m, k=k,
-                      n=n, blocker=blocker, graphs=cfg.uses_cuda_graphs)
+                      n=n, blocker=blocker, graphs=cfg.uses_cuda_graphs,
+                      micro_steps=cfg.micro_steps)
 
     def inline(self, fn: Callable, inputs: list[fx.Node], tag: str, like: fx.Node):
         """:meth:`GraphEditor.inline` before ``like``."""
