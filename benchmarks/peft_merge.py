@@ -1,6 +1,6 @@
 """What merging a LoRA adapter into a 2:4 base costs, and what ``merge_and_prune`` keeps.
 
-    python benchmarks/peft_merge.py [--pretrain 300] [--finetune 150] [--json out.json]
+    python benchmarks/peft_merge.py [--pretrain 200] [--finetune 100] [--json out.json]
 
 A byte-level Llama (random init, 2 layers, d=128) is trained 2:4 sparse with ``backend="nm"``
 on the standard library's sources (the demo's corpus), pruned (``apply_masks``: the 2:4 base),
@@ -12,7 +12,8 @@ adapters dense) on the same corpus. Validation loss (nats/byte) of:
 * ``merged``: ``merge_and_unload()`` alone, ``W*M + B@A*s`` stored dense (the same function,
   but the weights are no longer 2:4: density printed);
 * ``merge_and_prune``: ``(W*M + B@A*s)*M``, 2:4 with the base masks;
-* ``merge_and_resolve``: the merged weights with a fresh transposable 2:4 mask of their own.
+* ``merge_and_resolve``: the merged weights with a fresh transposable 2:4 mask of their own
+  (``resolved_mask_agreement``: the fraction of mask entries it shares with the base masks).
 """
 
 from __future__ import annotations
@@ -50,10 +51,20 @@ def _train(model, corpus, steps: int, lr: float, seed: int) -> None:
         opt.zero_grad()
 
 
+def _fresh(cfg, state, lora: bool = False):
+    """An uncompiled model (PEFT-wrapped if ``lora``) holding ``state``."""
+    model = transformers.LlamaForCausalLM(cfg)
+    if lora:
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16,
+                                                           target_modules=PROJECTIONS))
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pretrain", type=int, default=300)
-    parser.add_argument("--finetune", type=int, default=150)
+    parser.add_argument("--pretrain", type=int, default=200)
+    parser.add_argument("--finetune", type=int, default=100)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -67,39 +78,37 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     base.compile(backend="nm", options={"inductor": False})
     _train(base, corpus, args.pretrain, 3e-3, seed=0)
     nmcompile.apply_masks(base)  # the 2:4 base model
+    base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     torch._dynamo.reset()
-    result = {"base": _loss(base, x_val)}
+    result = {"base": _loss(_fresh(cfg, base_state), x_val)}
 
-    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16,
-                                                       target_modules=PROJECTIONS))
+    model = _fresh(cfg, base_state, lora=True).train()
     model.compile(backend="nm", options={"inductor": False})
     _train(model, corpus, args.finetune, 1e-3, seed=1)
     masks = nmcompile.masks(model)
     result["trained"] = _loss(model, x_val)  # the compiled model: W*M + B@A*s
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch._dynamo.reset()
 
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = model.merge_and_unload()
+    merged = _fresh(cfg, state, lora=True).merge_and_unload()
     weights = dict(merged.named_parameters())
     names = [n for n in weights if any(p in n for p in PROJECTIONS)]
     result["merged"] = _loss(merged, x_val)
     result["merged_density"] = sum(int((weights[n] != 0).sum()) for n in names) / sum(
         weights[n].numel() for n in names)
-
-    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg),
-                                peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS))
-    model.load_state_dict(state)
-    pruned, _ = merge_and_prune(model, masks)
+    pruned, pruned_masks = merge_and_prune(_fresh(cfg, state, lora=True), masks)
     result["merge_and_prune"] = _loss(pruned, x_val)
-
+    agree = 0
     with torch.no_grad():
         for name in names:
-            weight = weights[name]
-            weight.mul_(transposable_mask(weight.detach(), 2, 4))
+            mask = transposable_mask(weights[name].detach(), 2, 4)
+            agree += int((mask == pruned_masks[name]).sum())
+            weights[name].mul_(mask)
     result["merge_and_resolve"] = _loss(merged, x_val)
+    result["resolved_mask_agreement"] = agree / sum(weights[n].numel() for n in names)
     result["seconds"] = time.perf_counter() - start
     for key, value in result.items():
-        print(f"{key:>18}: {value:.4f}")
+        print(f"{key:>24}: {value:.4f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
