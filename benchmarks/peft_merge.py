@@ -52,12 +52,17 @@ def _train(model, corpus, steps: int, lr: float, seed: int) -> None:
 
 
 def _fresh(cfg, state, lora: bool = False):
-    """An uncompiled model (PEFT-wrapped if ``lora``) holding ``state``."""
+    """An uncompiled model holding ``state``: a plain model for a plain ``state``, a PEFT
+    model for a PEFT ``state``, or a plain ``state`` wrapped in fresh adapters (``lora``)."""
     model = transformers.LlamaForCausalLM(cfg)
-    if lora:
+    peft_state = any(k.startswith("base_model.") for k in state)
+    if not peft_state:
+        model.load_state_dict(state)
+    if lora or peft_state:
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16,
                                                            target_modules=PROJECTIONS))
-    model.load_state_dict(state)
+    if peft_state:
+        model.load_state_dict(state)
     return model.eval()
 
 
@@ -90,13 +95,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     torch._dynamo.reset()
 
-    merged = _fresh(cfg, state, lora=True).merge_and_unload()
+    merged = _fresh(cfg, state).merge_and_unload()
     weights = dict(merged.named_parameters())
     names = [n for n in weights if any(p in n for p in PROJECTIONS)]
     result["merged"] = _loss(merged, x_val)
     result["merged_density"] = sum(int((weights[n] != 0).sum()) for n in names) / sum(
         weights[n].numel() for n in names)
-    pruned, pruned_masks = merge_and_prune(_fresh(cfg, state, lora=True), masks)
+    pruned, pruned_masks = merge_and_prune(_fresh(cfg, state), masks)
     result["merge_and_prune"] = _loss(pruned, x_val)
     agree = 0
     with torch.no_grad():

@@ -2,7 +2,7 @@
 ``NMTrainerCallback``, byte-level on the Python standard library's sources.
 
     pip install -e ".[hf]"          # transformers, accelerate (what the Trainer needs)
-    python examples/hf_trainer.py [--steps 40] [--out hf_trainer_out] [--resume]
+    python examples/hf_trainer.py [--steps 40] [--save-steps 20] [--out hf_trainer_out] [--resume]
 
 The model is compiled in place (``model.compile(backend="nm", ...)``) and handed to the Trainer
 with the callback, which adds the masks' stats to the Trainer's logs (the ``nm/...`` keys) and
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, nmcompile.MaskStats]:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--save-steps", type=int, default=20, help="checkpoint every N steps")
     parser.add_argument("--out", default="hf_trainer_out")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--resume", action="store_true",
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, nmcompile.MaskStats]:
         "inductor": args.device == "cuda"})   # op by op on CPU: fast to compile
     training = transformers.TrainingArguments(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=3e-3, logging_steps=10, save_steps=max(1, args.steps // 2),
+        learning_rate=3e-3, logging_steps=5, save_steps=args.save_steps,
         report_to="none", use_cpu=args.device == "cpu", disable_tqdm=True, seed=0)
     trainer = transformers.Trainer(model=model, args=training, train_dataset=dataset,
                                    callbacks=[NMTrainerCallback()])

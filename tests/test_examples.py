@@ -44,7 +44,7 @@ def test_hf_gpt2_trains_with_the_schedule_prunes_and_saves(tmp_path):
 def test_hf_trainer_trains_with_the_callback_and_resumes(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    small = ["--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path)]
+    small = ["--batch-size", "2", "--seq-len", "32", "--save-steps", "3", "--out", str(tmp_path)]
     out = _run("hf_trainer.py", "--steps", "6", *small)
     assert "14 weights trained 2:4 sparse" in out  # 2 layers x 7 projections
     assert "'nm/density'" in out  # the Trainer's console log shows the stats
@@ -52,9 +52,10 @@ def test_hf_trainer_trains_with_the_callback_and_resumes(tmp_path):
     assert len(rows) == 14 and all("| sparse" in row for row in rows)
     saved = torch.load(tmp_path / "checkpoint-6" / "nm_mask_state.pt", weights_only=True)
     assert saved["global_step"] == 6 and len(saved["masks"]) == 14
-    out = _run("hf_trainer.py", "--steps", "8", "--resume", *small)
+    out = _run("hf_trainer.py", "--steps", "9", "--resume", *small)
     assert "14 weights trained 2:4 sparse" in out
-    assert (tmp_path / "checkpoint-8" / "nm_mask_state.pt").is_file()
+    assert torch.load(tmp_path / "checkpoint-9" / "nm_mask_state.pt",
+                      weights_only=True)["global_step"] == 9
 
 
 def _torchrun(script: str, *args: str, cwd: Path) -> str:
