@@ -55,7 +55,7 @@ def _base(name: str) -> str:
 
 def test_adapters_stay_dense_and_the_frozen_base_is_masked_with_fixed_masks(tmp_path):
     model = _lora_model()
-    first = _steps(model, 3, dump=str(tmp_path))
+    first = _steps(model, 2, dump=str(tmp_path))
     rows = read_summary(tmp_path)["matmuls"]
     for target in TARGETS:
         part = "self_attn" if target != "up_proj" else "mlp"
