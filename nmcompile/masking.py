@@ -206,6 +206,13 @@ class LazyStats:
         self._read = None
         return self
 
+    @classmethod
+    def of(cls, found: MaskStats) -> LazyStats:
+        """Stats already read (restored from a checkpoint with the mask they describe)."""
+        lazy = cls.__new__(cls)
+        lazy.refreshes, lazy._read = found.refreshes, found
+        return lazy
+
     def read(self) -> MaskStats:
         if self._read is None:
             flip = None if self.flip is None else self.flip.item()

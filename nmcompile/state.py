@@ -33,6 +33,7 @@ from .kernels import cusparselt
 from .masking import (
     BackwardSpec,
     BankSlots,
+    LazyStats,
     MaskRecord,
     MaskSpec,
     MaskStats,
@@ -436,7 +437,10 @@ def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     out = {}
     for name, param, key, record in _named_records(model):
         phase = phase_of(key) or "sparse"
-        if record.forward is not None and record.stats is not None:
+        if record.forward is not None and record.stats is None:  # restored without its stats
+            record.stats = LazyStats(fsdp.full_weight(param), record.forward, None,
+                                     record.refreshes)
+        if record.forward is not None:
             out[name] = dataclasses.replace(record.stats.read(), phase=phase)
             _watch_flips(name, record, out[name])
             continue
@@ -472,6 +476,9 @@ def mask_state_dict(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             "backward": None if record.backward is None else record.backward.clone(),
             "refreshes": record.refreshes,
             "steps": record.steps,
+            # the stats of the last refresh, which stats() reports until the next one
+            "stats": (None if record.forward is None or record.stats is None
+                      else dataclasses.asdict(record.stats.read())),
         }
     return state
 
@@ -500,4 +507,6 @@ def _load_record(record: MaskRecord, entry: Mapping[str, Any]) -> None:
         record.backward.copy_(entry["backward"])
     record.refreshes = max(1, int(entry["refreshes"]))
     record.steps = int(entry["steps"])
+    saved = entry.get("stats")
+    record.stats = LazyStats.of(MaskStats(**saved)) if isinstance(saved, Mapping) else None
     record.version = None  # loading the weights is not a training step
