@@ -571,12 +571,13 @@ def main(argv: list[str] | None = None) -> int:
         save()
         print(tabulate(result["host_us"], headers="keys", floatfmt=".1f"))
     only = args.configs.split(",") if args.configs else None
+    steps = 2 if args.smoke else 10 if args.quick else 20  # timed steps per configuration
     if "ffn" in parts:
         dims = [2048] if args.quick else [1024, 2048, 4096]
         tokens, target_d = (16384, 2048) if not args.smoke else (64, 32)
         dims = [target_d] if args.smoke else dims
         configs = config_matrix("ffn", smoke=args.smoke, quick=args.quick, only=only)
-        result["ffn"] = bench_ffn(dims, tokens, configs, steps=10 if args.quick else 20)
+        result["ffn"] = bench_ffn(dims, tokens, configs, steps=steps)
         result.update(headline_ffn([r for r in result["ffn"] if r["d_model"] == target_d]))
         save()
         print(tabulate([{k: r.get(k) for k in ("d_model", "config", "step_ms", "microstep_ms",
@@ -590,8 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                             sdpa=True)
         configs = config_matrix("step", smoke=args.smoke, quick=args.quick, only=only)
         result["step"] = bench_step(configs, batch=8 if not args.smoke else 2,
-                                    steps=10 if args.quick else 20,
-                                    whole_model=args.whole_model, cfg=cfg)
+                                    steps=steps, whole_model=args.whole_model, cfg=cfg)
         result.update(headline_step(result["step"]))
         save()
         print(tabulate([{k: r.get(k) for k in ("config", "tokens", "step_ms", "compile_s",
