@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml requirements.txt
 
 venv: $(STAMP)
 
+# pytest-xdist processes for `make test` (each test compiles from scratch: they share nothing)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 # tests/test_transformers.py against the current transformers 5.x release (what `pip install
 # transformers` gives users today) in a second venv; requirements.txt keeps its pinned 4.57.1
