@@ -17,11 +17,15 @@ from tests.cslt_model import CusparseltModel, install_model  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Each test compiles from scratch and sees only its own counters."""
+    """Each test compiles from scratch, sees only its own counters and leaves Dynamo's config
+    as it found it (torch 2.13 leaves ``automatic_dynamic_shapes=False`` behind when a
+    ``dynamic=False, fullgraph=True`` call raises that it found no compiled frames)."""
+    config = torch._dynamo.config.get_config_copy()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
+    torch._dynamo.config.load_config(config)
 
 
 @pytest.fixture(scope="session")
