@@ -15,7 +15,9 @@ For each matmul with a 2-D parameter operand ``W`` (``nn.Linear``, ``F.linear``,
   fixed token mask; a token count that is not a multiple of the group (or a symbolic one) is
   zero-padded to one (:func:`_pad_tokens`), never left dense, guarded or specialised;
 * with ``decay > 0`` each masked weight's gradient gets ``decay * (1 - mask) * W`` (SR-STE,
-  :mod:`nmcompile.passes.add_masked_decay`).
+  :mod:`nmcompile.passes.add_masked_decay`);
+* with ``prune="sste"`` the masked weight is S-STE's soft threshold instead of ``W * mask``
+  (:mod:`nmcompile.passes.apply_soft_threshold`).
 
 Forward and backward GEMMs of one layer are paired by ``meta["seq_nr"]`` (the autograd node
 both come from). Invariants after the pass:
@@ -69,6 +71,7 @@ from ..solvers.mvue import mvue
 from ..solvers.patterns import transposable_masks_scored
 from ._graph import GraphEditor, primals, take_place
 from .add_masked_decay import add_masked_decay
+from .apply_soft_threshold import apply_soft_threshold
 from .eligibility import (
     Matmul,
     ParamOperand,
@@ -132,7 +135,8 @@ class RewriteMatmuls(CustomGraphPass):
     whose compressed weights the graph reads to which of them (``False``: ``compress(W*M)``,
     ``True``: ``compress((W*M)^T)``). ``prior`` maps the position of a parameter that earlier
     graphs already mask to their :class:`MaskSpec`: if it is this config's, this graph masks
-    the parameter the same way (the same orientation), in every read of it.
+    the parameter the same way (the same orientation), in every read of it. ``scale_inputs``
+    maps a parameter's position to the graph input holding its S-STE scale (``prune="sste"``).
     ``dense_reads`` maps the position of every 2-D weight the graph reads but leaves dense
     (not excluded by the layer filter) to how it reads it, first read only.
     """
@@ -141,8 +145,10 @@ class RewriteMatmuls(CustomGraphPass):
                  on_rewrite: Callable[[str, str, RewriteMatmuls], None] | None = None,
                  mask_inputs: Mapping[int, BankSlots] | None = None,
                  pack_failures: Mapping[int, str] | None = None,
-                 prior: Mapping[int, MaskSpec] | None = None) -> None:
+                 prior: Mapping[int, MaskSpec] | None = None,
+                 scale_inputs: Mapping[int, int] | None = None) -> None:
         self.config = config
+        self.scale_inputs = dict(scale_inputs or {})
         self.params = dict(params)
         self.mask_inputs = dict(mask_inputs or {})
         self.pack_failures = dict(pack_failures or {})
@@ -160,7 +166,8 @@ class RewriteMatmuls(CustomGraphPass):
 
     def uuid(self) -> str:
         key = repr((self.config, sorted((p.position, p.name) for p in self.params.values()),
-                    sorted(self.mask_inputs.items()), sorted(self.prior.items())))
+                    sorted(self.mask_inputs.items()), sorted(self.prior.items()),
+                    sorted(self.scale_inputs.items())))
         return get_hash_for_files(_SOURCES, key).hex()
 
     def __call__(self, graph: fx.Graph) -> None:
@@ -179,7 +186,9 @@ class RewriteMatmuls(CustomGraphPass):
         excluded = {node: self.params[pos].excluded for pos, node in nodes.items()
                     if self.params[pos].excluded}
         prior = {nodes[pos]: spec for pos, spec in self.prior.items() if pos in nodes}
-        rewriter = _Rewriter(graph, self.config, self.graph_id, names, external, excluded, prior)
+        scales = {nodes[p]: inputs[i] for p, i in self.scale_inputs.items() if p in nodes}
+        rewriter = _Rewriter(graph, self.config, self.graph_id, names, external, excluded, prior,
+                             scales)
         if self.params and not nodes:
             rewriter.unmatched = "the graph's inputs did not match the parameters Dynamo passed"
         rewriter.run()
@@ -220,8 +229,10 @@ class _Rewriter:
                  names: dict[fx.Node, str],
                  external: dict[fx.Node, _External],
                  excluded: dict[fx.Node, str],
-                 prior: dict[fx.Node, MaskSpec] | None = None) -> None:
+                 prior: dict[fx.Node, MaskSpec] | None = None,
+                 scales: dict[fx.Node, fx.Node] | None = None) -> None:
         self.graph, self.config, self.graph_id = graph, config, graph_id
+        self.scales = scales or {}  # parameter -> its S-STE scale input
         self.names = names
         self.external = external
         self.excluded = excluded
@@ -251,6 +262,8 @@ class _Rewriter:
                 self.records.append(visit(mm))
         self._mask_every_read()
         self._record_dense_reads()
+        if self.config.prune == "sste":
+            apply_soft_threshold(self.edit, self.masks, self.scales)
         if self.config.decay and backward:
             masks = {param: node for param, (_, node) in self.masks.items()}
             add_masked_decay(self.edit, masks, self.config.decay)
@@ -542,6 +555,8 @@ class _Rewriter:
             ext = self.external.get(p.param)
             if not implies_2_4(spec.n, spec.m):
                 blocker = f"{spec.n}:{spec.m} mask is not 2:4"
+            elif cfg.prune == "sste":
+                blocker = "prune='sste': no compressed copy of the soft-thresholded weight"
             elif role == "grad_input" and spec.policy != "transposable":
                 blocker = "row-wise mask is not 2:4 along out-features (grad-input needs a " \
                           "transposable mask)"

@@ -18,6 +18,7 @@ from .patterns import (
     transposable_mask_scored,
     transposable_masks_scored,
 )
+from .soft_threshold import soft_threshold, soft_threshold_scale
 from .transposable import transposable_mask
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "mask_diversity",
     "mvue",
     "nm_mask",
+    "soft_threshold",
+    "soft_threshold_scale",
     "tile_patterns",
     "transposable_mask",
     "transposable_mask_greedy",
