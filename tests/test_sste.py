@@ -23,6 +23,7 @@ FORMS = {
     "transposable": {"forward": "transposable", "grad_input": "transposable"},
     "rowwise (paper)": {"forward": "rowwise", "grad_input": "dense"},
     "masks outside the graph": {"forward": "transposable", "mask_interval": 2},
+    "with masked decay": {"forward": "transposable", "decay": 0.1},
 }
 
 
@@ -85,6 +86,10 @@ def test_forward_and_gradients_are_those_of_the_soft_thresholded_weight(form):
         torch.testing.assert_close(out.double(), ref(x.double()), rtol=1e-4, atol=1e-5)
         out.square().mean().backward()
         ref(x.double()).square().mean().backward()
+        for name, param in ref.named_parameters():  # the decay pulls the DENSE pruned weights
+            if name in masks and options.get("decay"):
+                dense = model.get_parameter(name).detach().double()
+                param.grad += options["decay"] * torch.where(masks[name], 0.0, dense)
         assert_grads_match(model, ref)
         opt.step()
         opt.zero_grad()
