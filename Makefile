@@ -39,6 +39,7 @@ $(STAMP_TF5): pyproject.toml requirements.txt
 	$(VENV_TF5)/bin/python -m pip install -q $(TORCH)
 	$(VENV_TF5)/bin/python -m pip install -q -r requirements.txt
 	$(VENV_TF5)/bin/python -m pip install -q --upgrade "$(TRANSFORMERS5)"
+	$(VENV_TF5)/bin/python -m pip uninstall -q -y compressed-tensors  # needs transformers<5
 	$(VENV_TF5)/bin/python -m pip install -q --no-deps -e .
 	touch $(STAMP_TF5)
 

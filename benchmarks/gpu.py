@@ -1,36 +1,47 @@
 """2:4 sparse training on an NVIDIA GPU against dense, measured in the same run.
 
-    python benchmarks/gpu.py [--quick] [--out DIR] [--whole-model] [--parts ...]
+    python benchmarks/gpu.py [--quick] [--out DIR] [--whole-model] [--parts ...] [--configs ...]
 
-Four parts, bf16, CUDA events after a warm-up, medians:
+Five parts, bf16, CUDA events after a warm-up, medians:
 
 (sparsify) the per-step weight work (exact masks and both compressed weights) of the FFN block,
     the GPT-2-medium-size model and one 4096x16384 weight, and MVUE's grad-weight operand,
     against the eager path it replaces and a plain copy of the same bytes
     (``benchmarks/gpu_sparsify.py``; ``sparsify_ms_per_step``, ``sparsify_tbps``);
+(gemm) the three GEMMs of a linear layer at FFN shapes (tokens x d_model, d_ff = 4 d_model), up-
+    and down-projection: forward ``X W^T``, grad-input ``dY W``, grad-weight ``dY^T X`` (sparse:
+    dY^T pruned 2:4 along tokens, as MVUE does), measured exactly as the cost rule measures them
+    (``nmcompile.kernels.measure``): dense cuBLAS on the same masked operand against cuSPARSELt
+    with algorithm 0 and with the algorithm its search picks (kept only if it passes the fp64
+    check), the time to compress the sparse operand, and the host time per sparse call;
+(host) the host time one forward GEMM takes to return: through cached plans
+    (``nmcompile.kernels.cusparselt_plans``), through the dispatcher, through
+    ``torch._cslt_sparse_mm`` (descriptors and plan rebuilt at every call);
+(ffn) an FFN block (up-projection, GELU, down-projection, d_model 2048, 16384 tokens) forward +
+    backward + SGD step, compiled with ``backend="inductor"`` and with ``backend="nm"``
+    (``kernels="auto"``, the cost rule, and ``"sparse"``; with and without MVUE), each in
+    default mode and with ``mode="reduce-overhead"`` (CUDA graphs); weights changing at every
+    step so that the masks are solved and the weights compressed at every step; also the
+    micro-step time (forward + backward with unchanged weights, as under gradient accumulation);
+(step) a GPT-2-medium-size training step (24 layers, d 1024, 16 heads, seq 1024, vocab 50304,
+    flash attention, fused AdamW), the same configurations (MVUE left out under ``--quick``);
+    blocks compiled one by one (regional compilation: one graph serves the 24 blocks) unless
+    ``--whole-model``.
 
-(a) the three GEMMs of a linear layer at FFN shapes (tokens x d_model, d_ff = 4 d_model), up- and
-    down-projection: forward ``X W^T``, grad-input ``dY W``, grad-weight ``dY^T X`` (sparse: dY^T
-    pruned 2:4 along tokens, as MVUE does), measured exactly as the cost rule measures them
-    (``nmcompile.kernels.cost.measure``): dense cuBLAS on the same masked operand against
-    cuSPARSELt with algorithm 0 and with the algorithm its search picks (kept only if it passes
-    the fp64 check), and the time to compress the sparse operand;
-(b) an FFN block (up-projection, GELU, down-projection) forward + backward + SGD step, compiled
-    with ``backend="inductor"`` and with ``backend="nm"`` (``kernels="auto"``: the cost rule;
-    with and without MVUE), weights changing at every step so that the masks are solved and
-    the weights compressed at every step; also the micro-step time (forward + backward with
-    unchanged weights, as under gradient accumulation);
-(c) a GPT-2-medium-size training step (24 layers, d 1024, 16 heads, seq 1024, vocab 50304,
-    flash attention, fused AdamW), dense Inductor against nm; blocks compiled one by one
-    (regional compilation: one graph serves the 24 blocks) unless ``--whole-model``.
+For (ffn) and (step): compile time (first step minus the median step), peak memory
+(``torch.cuda.max_memory_allocated`` over the timed steps), for nm where the GPU time goes
+(torch.profiler over 3 steps: mask refresh, weight compression, sparse GEMMs, the rest) and
+the host time per ``nm::`` GEMM op (profiler, CPU side).
 
-For (b) and (c): compile time (first step minus the median step), peak memory
-(``torch.cuda.max_memory_allocated`` over the timed steps), and for nm where the GPU time goes
-(torch.profiler over 3 steps: mask refresh, weight compression, sparse GEMMs, the rest).
-
-Prints a table per part and writes ``gpu.json`` into ``--out`` after each part (``device``,
-``torch``, ``cusparselt``, ``ffn_speedup``, ``step_speedup``, ``command`` and every row).
-``--quick`` (about 3 minutes on one H200) measures a subset of the shapes.
+Prints a table per part and writes ``gpu.json`` into ``--out`` after each part: every row, and
+``device``, ``torch``, ``cusparselt``, ``date``, ``command`` and the headline figures
+(:data:`HEADLINE`: ``ffn_speedup`` / ``step_speedup`` (nm auto against dense Inductor, default
+mode), ``..._graphs`` (both under ``reduce-overhead``), ``host_us_per_sparse_gemm``,
+``peak_mem_ratio`` (nm auto over dense, GPT-2 step), ``step_weight_work_ms`` (mask refresh
+and weight compression, GPU ms per GPT-2 step, profiled in the step), ``sparsify_ms_per_step``
+and ``sparsify_tbps`` (the same work timed alone, part (sparsify)), ``layout_verified``).
+``--quick`` measures a subset of the shapes; ``--configs auto,sparse`` keeps the nm
+configurations whose names hold one.
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from tabulate import tabulate
 from torch import nn
 
 import nmcompile
-from nmcompile.kernels import cost, cusparselt
+from nmcompile.kernels import cost, cusparselt, cusparselt_plans, timing
 from nmcompile.models import GPTConfig, TinyGPT
 
 BF16 = torch.bfloat16
@@ -138,7 +149,8 @@ def _peak_gb() -> float:
 
 
 LABELS = {"nm::refresh_mask": "mask", "nm::compress_weight": "compress",
-          "aten::_cslt_sparse_mm": "sparse_gemm", "aten::_cslt_compress": "all_compress"}
+          "aten::_cslt_sparse_mm": "sparse_gemm", "aten::_cslt_compress": "all_compress",
+          cusparselt_plans.PROFILER_NAME: "sparse_gemm"}
 DENSE_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
@@ -194,6 +206,8 @@ def _run_config(name: str, compiled, batch: tuple, opt, warmup: int, steps: int,
         _, row["microstep_ms"], _ = _timed_steps(micro, warmup, steps)
     if profile_it and DEVICE.type == "cuda":
         row["breakdown_ms"] = _breakdown(step)
+    if profile_it:
+        row.update(_sparse_gemm_host_us(step))
     return row
 
 
@@ -304,12 +318,163 @@ def bench_step(configs: dict, batch: int, steps: int, whole_model: bool,
     return rows
 
 
+# -- configurations, host time, headline figures --------------------------------------------
+
+#: the two modes every configuration runs in: default (eager launches) and CUDA graphs
+MODES = {"": {}, " (reduce-overhead)": {"mode": "reduce-overhead"}}
+#: the results JSON's headline keys (with ``device``, ``torch``, ``cusparselt``, ``date``,
+#: ``command``)
+HEADLINE = ("ffn_speedup", "ffn_speedup_graphs", "ffn_microstep_speedup",
+            "ffn_microstep_speedup_graphs", "ffn_speedup_sparse", "ffn_speedup_sparse_graphs",
+            "ffn_speedup_mvue", "ffn_speedup_mvue_graphs", "ffn_peak_mem_ratio", "step_speedup",
+            "step_speedup_graphs", "step_speedup_sparse", "step_speedup_sparse_graphs",
+            "step_speedup_cudagraphs", "host_us_per_sparse_gemm", "peak_mem_ratio",
+            "step_weight_work_ms", "sparsify_ms_per_step", "sparsify_tbps", "layout_verified")
+#: the configurations ``--smoke`` keeps (each code path once, on CPU)
+SMOKE = {"ffn": ("dense (inductor)", "dense (reduce-overhead)", "nm auto",
+                 "nm auto (reduce-overhead)", "nm sparse + mvue"),
+         "step": ("dense (inductor)", "nm auto", "nm sparse")}
+
+
+def config_matrix(part: str, smoke: bool = False, quick: bool = False,
+                  only: list[str] | None = None) -> dict:
+    """name -> (backend, torch.compile kwargs): dense Inductor and nm with ``kernels="auto"``
+    and ``"sparse"``, with and without MVUE, each in default mode and under
+    ``mode="reduce-overhead"``; the FFN also with ``kernels="emulate"`` (not ``quick``). The
+    GPT-2 step leaves MVUE out under ``quick``. ``only``: substrings of nm names to keep."""
+    configs = {}
+    for suffix, mode in MODES.items():
+        configs["dense (inductor)" if not suffix else f"dense{suffix}"] = ("inductor", mode)
+        for kernels in ("auto", "sparse"):
+            for extra, opts in (("", {}), (" + mvue", {"grad_weight": "mvue"})):
+                if extra and quick and part == "step":
+                    continue
+                configs[f"nm {kernels}{extra}{suffix}"] = (
+                    "nm", {"options": {"kernels": kernels, **opts, **mode}})
+    if part == "ffn" and not quick:
+        configs["nm emulate"] = ("nm", {"options": {"kernels": "emulate"}})
+    if smoke:
+        configs = {k: v for k, v in configs.items() if k in SMOKE[part]}
+    if only:
+        configs = {k: v for k, v in configs.items()
+                   if v[0] != "nm" or any(o in k for o in only)}
+    return configs
+
+
+def bench_host_time(shapes: list[tuple[int, int, int]]) -> list[dict]:
+    """Host microseconds one forward GEMM ``[m, k] (compressed) x [n tokens, k]^T`` takes to
+    return (:func:`nmcompile.kernels.timing.host_ms`: the GPU left running): the cached plan
+    alone, the dispatcher (padding, layout checks, plan) and ``torch._cslt_sparse_mm``."""
+    rows = []
+    for m, k, n in shapes:
+        rows.append(_host_row(m, k, n))
+        _free()
+    return rows
+
+
+def _host_row(m: int, k: int, n: int) -> dict:
+    from nmcompile.solvers import nm_mask
+
+    plans = cusparselt_plans.for_device(DEVICE)
+    a = torch.randn(m, k, device=DEVICE)
+    packed = cusparselt.compress((a * nm_mask(a, 2, 4)).to(BF16))
+    x = torch.randn(n, k, device=DEVICE).to(BF16)
+    bias = torch.randn(m, device=DEVICE).to(BF16)
+    calls = {"torch": lambda: torch._cslt_sparse_mm(packed, x.t(), bias, transpose_result=True),
+             "dispatcher": lambda: cusparselt.linear_forward(x, packed, bias, m)}
+    if plans is not None:
+        calls["plans"] = lambda: plans.matmul(packed, x.t(), bias, True, 0)
+    row = {"m_k_n": f"{m}x{k}x{n}", "call_path": "plans" if plans else "torch"}
+    for name, fn in calls.items():
+        row[f"{name}_us"] = timing.host_ms(fn, DEVICE) * 1e3
+    return row
+
+
+NM_GEMMS = ("nm::linear_forward", "nm::linear_grad_input", "nm::sparse_mm")
+
+
+def _sparse_gemm_host_us(step, steps: int = 3) -> dict:
+    """Host microseconds per call of the ``nm::`` GEMM ops in ``steps`` training steps
+    (``torch.profiler``, CPU side: the op with its padding, checks and launch, the GPU left
+    running), and their number per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        _sync()
+    found = [e for e in prof.key_averages() if e.key in NM_GEMMS]
+    calls = sum(e.count for e in found)
+    if not calls:
+        return {"host_us_per_sparse_gemm": None, "nm_gemms_per_step": 0}
+    return {"host_us_per_sparse_gemm": sum(e.cpu_time_total for e in found) / calls,
+            "nm_gemms_per_step": calls / steps}
+
+
+def _row(rows: list[dict], name: str) -> dict:
+    return next((r for r in rows if r["config"] == name and "error" not in r), {})
+
+
+def _peak_ratio(rows: list[dict], dense: str, sparse: str) -> float | None:
+    d, s = _row(rows, dense).get("peak_mem_gb"), _row(rows, sparse).get("peak_mem_gb")
+    return s / d if d and s else None
+
+
+def headline_ffn(rows: list[dict]) -> dict:
+    """The FFN block's figures: step and micro-step speed-ups against dense Inductor (default
+    mode) or dense under CUDA graphs (``_graphs``), for ``auto``, ``sparse`` and MVUE."""
+    out = {}
+    for suffix, tail in (("", ""), ("_graphs", " (reduce-overhead)")):
+        dense = "dense (inductor)" if not tail else f"dense{tail}"
+        out[f"ffn_speedup{suffix}"] = _ratio(rows, dense, f"nm auto{tail}")
+        out[f"ffn_microstep_speedup{suffix}"] = _ratio(rows, dense, f"nm auto{tail}",
+                                                       "microstep_ms")
+        out[f"ffn_speedup_sparse{suffix}"] = _ratio(rows, dense, f"nm sparse{tail}")
+        out[f"ffn_microstep_speedup_sparse{suffix}"] = _ratio(rows, dense, f"nm sparse{tail}",
+                                                              "microstep_ms")
+        out[f"ffn_speedup_mvue{suffix}"] = _ratio(rows, dense, f"nm auto + mvue{tail}")
+    out["ffn_peak_mem_ratio"] = _peak_ratio(rows, "dense (inductor)", "nm auto")
+    return out
+
+
+def headline_step(rows: list[dict]) -> dict:
+    """The GPT-2-medium-size step's figures (as :func:`headline_ffn`), its peak memory against
+    dense, the host time per sparse GEMM (``nm sparse``, default mode, profiler) and the GPU
+    time per step of the weights' mask refresh and compression as profiled inside the step
+    (``step_weight_work_ms``)."""
+    out = {}
+    for suffix, tail in (("", ""), ("_graphs", " (reduce-overhead)")):
+        dense = "dense (inductor)" if not tail else f"dense{tail}"
+        out[f"step_speedup{suffix}"] = _ratio(rows, dense, f"nm auto{tail}")
+        out[f"step_speedup_sparse{suffix}"] = _ratio(rows, dense, f"nm sparse{tail}")
+        out[f"step_speedup_mvue{suffix}"] = _ratio(rows, dense, f"nm auto + mvue{tail}")
+    out["step_speedup_cudagraphs"] = out["step_speedup_sparse_graphs"]
+    out["peak_mem_ratio"] = _peak_ratio(rows, "dense (inductor)", "nm auto")
+    sparse = _row(rows, "nm sparse")
+    out["host_us_per_sparse_gemm"] = sparse.get("host_us_per_sparse_gemm")
+    parts = sparse.get("breakdown_ms")
+    out["step_weight_work_ms"] = parts["mask"] + parts["compress"] if parts else None
+    return out
+
+
+def _layout_verified() -> bool | None:
+    """Whether nmcompile's own compressed-weight writer passed its check against
+    ``torch._cslt_compress`` on this device (``None``: no such check in this checkout)."""
+    try:
+        from nmcompile.kernels import layout_check
+    except ImportError:
+        return None
+    return layout_check.verdict(DEVICE, BF16).writer is not None
+
+
 # -- report ----------------------------------------------------------------------------------
 
 def _environment(command: str) -> dict:
+    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     if DEVICE.type != "cuda":
         return {"device": str(DEVICE), "torch": torch.__version__, "cusparselt": "model",
-                "command": command}
+                "date": date, "command": command}
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm",
                               "--format=csv,noheader"], capture_output=True, text=True,
@@ -325,7 +490,7 @@ def _environment(command: str) -> dict:
         "cusparselt": cusparselt.runtime_version(),
         "cusparselt_built": torch.backends.cusparselt.version(),
         "python": sys.version.split()[0],
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": date,
         "command": command,
     }
 
@@ -353,10 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_bench_out", help="folder for gpu.json")
     parser.add_argument("--whole-model", action="store_true",
                         help="compile the GPT-2 model whole instead of block by block")
-    parser.add_argument("--parts", default="sparsify,gemm,ffn,step",
+    parser.add_argument("--parts", default="sparsify,gemm,host,ffn,step",
                         help="comma-separated parts")
     parser.add_argument("--dump", default=None,
                         help="folder for the nm dumps (default: OUT/nm_dump)")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated substrings: run only the nm configs whose name "
+                             "holds one (the dense baselines always run)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     global DEVICE, DUMPS
@@ -394,61 +562,46 @@ def main(argv: list[str] | None = None) -> int:
         save()
         print(tabulate([{k: r.get(k) for k in ("tokens", "d_model", "proj", "role", "m_k_n",
                                                "dense_ms", "alg0_ms", "sparse_ms", "alg_id",
-                                               "speedup", "compress_ms", "failure")}
+                                               "speedup", "compress_ms", "host_ms",
+                                               "call_path", "failure")}
                         for r in result["gemms"]], headers="keys", floatfmt=".3f"))
-    ffn_configs = {
-        "dense (inductor)": ("inductor", {}),
-        "nm auto": ("nm", {"options": {"kernels": "auto"}}),
-        "nm auto + mvue": ("nm", {"options": {"kernels": "auto", "grad_weight": "mvue"}}),
-        "nm sparse": ("nm", {"options": {"kernels": "sparse"}}),
-        "nm sparse + mvue": ("nm", {"options": {"kernels": "sparse", "grad_weight": "mvue"}}),
-        "nm emulate": ("nm", {"options": {"kernels": "emulate"}}),
-    }
+    if "host" in parts:
+        shapes = [(4 * 2048, 2048, 16384), (2048, 4 * 2048, 16384)]
+        result["host_us"] = bench_host_time(shapes if not args.smoke else [(64, 32, 64)])
+        save()
+        print(tabulate(result["host_us"], headers="keys", floatfmt=".1f"))
+    only = args.configs.split(",") if args.configs else None
     if "ffn" in parts:
         dims = [2048] if args.quick else [1024, 2048, 4096]
         tokens, target_d = (16384, 2048) if not args.smoke else (64, 32)
         dims = [target_d] if args.smoke else dims
-        result["ffn"] = bench_ffn(dims, tokens, ffn_configs, steps=10 if args.quick else 20)
-        target = [r for r in result["ffn"] if r["d_model"] == target_d]
-        result["ffn_speedup"] = _ratio(target, "dense (inductor)", "nm auto")
-        result["ffn_speedup_mvue"] = _ratio(target, "dense (inductor)", "nm auto + mvue")
-        result["ffn_microstep_speedup"] = _ratio(target, "dense (inductor)", "nm auto",
-                                                 "microstep_ms")
-        result["ffn_speedup_sparse"] = _ratio(target, "dense (inductor)", "nm sparse")
-        result["ffn_microstep_speedup_sparse"] = _ratio(target, "dense (inductor)", "nm sparse",
-                                                        "microstep_ms")
+        configs = config_matrix("ffn", smoke=args.smoke, quick=args.quick, only=only)
+        result["ffn"] = bench_ffn(dims, tokens, configs, steps=10 if args.quick else 20)
+        result.update(headline_ffn([r for r in result["ffn"] if r["d_model"] == target_d]))
         save()
         print(tabulate([{k: r.get(k) for k in ("d_model", "config", "step_ms", "microstep_ms",
-                                               "compile_s", "peak_mem_gb")}
+                                               "compile_s", "peak_mem_gb",
+                                               "host_us_per_sparse_gemm")}
                         for r in result["ffn"]], headers="keys", floatfmt=".3f"))
     if "step" in parts:
-        step_configs = {"dense (inductor)": ("inductor", {}), "nm auto": ("nm", {}),
-                        "nm sparse": ("nm", {"options": {"kernels": "sparse"}})}
-        if DEVICE.type == "cuda":  # CUDA graphs: no host overhead per kernel launch
-            step_configs["dense (reduce-overhead)"] = ("inductor", {"mode": "reduce-overhead"})
-            step_configs["nm sparse (reduce-overhead)"] = (
-                "nm", {"options": {"kernels": "sparse", "mode": "reduce-overhead"}})
         cfg = GPT2_MEDIUM
         if args.smoke:
             cfg = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_layer=2, n_head=2,
                             sdpa=True)
-        result["step"] = bench_step(step_configs, batch=8 if not args.smoke else 2,
+        configs = config_matrix("step", smoke=args.smoke, quick=args.quick, only=only)
+        result["step"] = bench_step(configs, batch=8 if not args.smoke else 2,
                                     steps=10 if args.quick else 20,
                                     whole_model=args.whole_model, cfg=cfg)
-        result["step_speedup"] = _ratio(result["step"], "dense (inductor)", "nm auto")
-        result["step_speedup_sparse"] = _ratio(result["step"], "dense (inductor)", "nm sparse")
-        result["step_speedup_cudagraphs"] = _ratio(
-            result["step"], "dense (reduce-overhead)", "nm sparse (reduce-overhead)")
+        result.update(headline_step(result["step"]))
         save()
         print(tabulate([{k: r.get(k) for k in ("config", "tokens", "step_ms", "compile_s",
-                                               "peak_mem_gb")}
+                                               "peak_mem_gb", "host_us_per_sparse_gemm")}
                         for r in result["step"]], headers="keys", floatfmt=".3f"))
-    for key in ("sparsify_ms_per_step", "sparsify_tbps",
-                "ffn_speedup", "ffn_speedup_mvue", "ffn_microstep_speedup",
-                "ffn_speedup_sparse", "ffn_microstep_speedup_sparse", "step_speedup",
-                "step_speedup_sparse", "step_speedup_cudagraphs"):
-        if result.get(key) is not None:
-            print(f"{key}: {result[key]:.3f}x")
+    result["layout_verified"] = _layout_verified()
+    result["cached_plans"] = cusparselt_plans.status(DEVICE) or "serving"
+    for key in HEADLINE:
+        if isinstance(result.get(key), float):
+            print(f"{key}: {result[key]:.3f}")
     save()
     return 0
 

@@ -52,6 +52,7 @@ def facts() -> dict:
     out["device"] = torch.cuda.get_device_name()
     out["capability"] = list(torch.cuda.get_device_capability())
     out["device_reason"] = cusparselt.device_reason("cuda")
+    out["cached_plans"] = _plans_facts()
     if max_alg is not None:
         try:
             out["max_alg_id"] = max_alg()
@@ -72,6 +73,17 @@ def facts() -> dict:
             del a
     out["compressed_blobs"] = blobs
     return out
+
+
+def _plans_facts() -> dict:
+    """The cached-plan path (:mod:`nmcompile.kernels.cusparselt_plans`): which library file it
+    bound, its version, or why it is not serving."""
+    from nmcompile.kernels import cusparselt_lib, cusparselt_plans
+
+    plans = cusparselt_plans.for_device("cuda")
+    if plans is None:
+        return {"serving": False, "reason": cusparselt_plans.status("cuda")}
+    return {"serving": True, "library": cusparselt_lib.loaded_path(), "version": plans.version}
 
 
 def main(argv: list[str] | None = None) -> int:

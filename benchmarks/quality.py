@@ -1,8 +1,10 @@
 """Quality of the sparse recipes on longer runs, over seeds: the demo's model and data, dense
 against 2:4 sparse, over masked-decay strength, dense-tail fraction, mask refresh interval and
-MVUE, beside S-STE, at three seeds per cell, plus the default recipe at a larger width.
+MVUE, beside S-STE, at three seeds per cell, plus the default recipe at a larger width; and a
+CNN part (``benchmarks/quality_cnn.py``): a small ResNet on scikit-learn's digits images.
 
-    python benchmarks/quality.py [--steps 2000] [--seeds 1 2 3] [--part baseline|grid|sste|size|all]
+    python benchmarks/quality.py [--steps 2000] [--seeds 1 2 3]
+                                 [--part baseline|grid|sste|size|cnn|all] [--cnn-steps 300]
                                  [--out quality.jsonl] [--shard 0/2] [--threads 1]
                                  [--skip PART ...] [--table]
                                  [--recipe KEY=VALUE ... [--d-model D]]
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from quality_cnn import cnn_cells, cnn_table, load_cnn_data, run_cnn_cell
 from tabulate import tabulate
 
 from nmcompile.demo import DemoConfig
@@ -48,12 +51,13 @@ INTERVALS = (1, 10)
 MVUE = (True, False)
 SIZES = (128,)
 #: ``baseline``: dense and the default recipe; ``grid``: decay x tail, then the interval and
-#: MVUE; ``sste``: S-STE in both forms beside row-wise SR-STE; ``size``: at other widths.
-PARTS = ("baseline", "grid", "sste", "size")
+#: MVUE; ``sste``: S-STE in both forms beside row-wise SR-STE; ``size``: at other widths;
+#: ``cnn``: the digits ResNet (``quality_cnn.py``).
+PARTS = ("baseline", "grid", "sste", "size", "cnn")
 #: Fields of a cell that name it (the rest are results). A field at its default here is left
 #: out of the key, so cells written before the field existed keep their key.
-CELL_FIELDS = ("recipe", "d_model", "steps", "seed", "decay", "tail", "interval", "mvue",
-               "prune", "forward")
+CELL_FIELDS = ("part", "recipe", "d_model", "steps", "seed", "decay", "tail", "interval",
+               "mvue", "prune", "forward")
 FIELD_DEFAULTS = {"prune": "hard", "forward": "transposable"}
 
 
@@ -143,7 +147,7 @@ def cells(part: str, steps: int, seeds: tuple[int, ...],
     recipes at every seed); the dense baselines first."""
     parts = PARTS if part == "all" else (part,)
     out = []
-    for p in parts:
+    for p in (p for p in parts if p != "cnn"):  # the CNN's cells: quality_cnn.cnn_cells
         for d in sizes if p == "size" else (64,):
             recipes = [{"recipe": "dense"}, *_recipes(p)]
             out += [{**r, "d_model": d, "steps": steps, "seed": seed}
@@ -159,9 +163,9 @@ def recipe_cells(pairs: list[str], steps: int, seeds: tuple[int, ...],
     changes: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in CELL_FIELDS or key in ("d_model", "steps", "seed"):
-            raise ValueError(f"--recipe {pair!r}: expected KEY=VALUE with KEY one of "
-                             f"{[k for k in CELL_FIELDS if k not in ('d_model', 'steps', 'seed')]}")
+        fields = [k for k in CELL_FIELDS if k not in ("part", "d_model", "steps", "seed")]
+        if not sep or key not in fields:
+            raise ValueError(f"--recipe {pair!r}: expected KEY=VALUE with KEY one of {fields}")
         try:
             changes[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -227,6 +231,7 @@ def _read(out: Path) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--cnn-steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
                         help="widths of the size part (default: %(default)s)")
@@ -243,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.table:
-        print(table([r for r in _read(out).values() if r["steps"] == args.steps and "seed" in r]))
+        done = list(_read(out).values())
+        print(table([r for r in done if r.get("part") != "cnn" and r["steps"] == args.steps
+                     and "seed" in r]))
+        cnn = [r for r in done if r.get("part") == "cnn" and r["steps"] == args.cnn_steps]
+        if cnn:
+            print(cnn_table(cnn))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,16 +262,21 @@ def main(argv: list[str] | None = None) -> int:
     skip = {_key(c) for p in args.skip for c in cells(p, args.steps, seeds, sizes)}
     planned = (recipe_cells(args.recipe, args.steps, seeds, args.d_model) if args.recipe
                else cells(args.part, args.steps, seeds, sizes))
+    if args.part in ("cnn", "all") and not args.recipe and "cnn" not in args.skip:
+        planned += cnn_cells(args.cnn_steps)
     todo = [c for c in planned if _key(c) not in skip][index::count]
-    corpus = load_corpus(DemoConfig().corpus_bytes)
+    data: dict[bool, Any] = {}
     for cell in todo:
         if _key(cell) in _read(out):  # re-read: another shard may have appended meanwhile
             continue
         print(f"running {cell}", flush=True)
-        result = run_cell(cell, corpus)
+        cnn = cell.get("part") == "cnn"
+        if cnn not in data:
+            data[cnn] = load_cnn_data() if cnn else load_corpus(DemoConfig().corpus_bytes)
+        result = (run_cnn_cell if cnn else run_cell)(cell, data[cnn])
         with out.open("a") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"  val loss {result['final_val_loss']:.4f} in {result['wall_s']} s", flush=True)
+        print(f"  done in {result['wall_s']} s", flush=True)
     return 0
 
 

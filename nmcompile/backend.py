@@ -2,7 +2,7 @@
 
 Registered through the ``torch_dynamo_backends`` entry point, so no import is needed. The
 backend validates the options, finds which graph inputs are parameters, and compiles the graph
-with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.rewrite_matmuls`)
+with AOTAutograd + Inductor, the N:M rewrite (:mod:`nmcompile.passes.sparsify_graph`)
 installed as Inductor's ``joint_custom_pre_pass`` so it sees forward and backward together.
 AOTAutograd traces with Inductor's decompositions plus those of the fused ops that read linear
 weights (:mod:`nmcompile.passes.fused_ops`: the eval fast paths of ``nn.MultiheadAttention``
@@ -34,7 +34,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import coverage, fsdp
+from . import coverage, dense_grads, fsdp
 from .config import NMConfig
 from .dump import GraphDump
 from .fallback import DenseFallbackWarning, user_stacklevel
@@ -43,7 +43,8 @@ from .kernels import SPARSE_LABEL, autocast_dtypes, packing_dtype
 from .masking import MaskSpec, note_dense_read, record_of, take_dense_read
 from .names import ParameterNames, compiled_module, name_of, source_path, source_text
 from .passes.fused_ops import decomposition_table
-from .passes.rewrite_matmuls import GraphInput, MatmulRecord, RewriteMatmuls
+from .passes.joint import MatmulRecord
+from .passes.sparsify_graph import GraphInput, SparsifyGraph
 from .scales import ScaleInputs
 from .schedule import Schedule
 from .state import MaskBank, masks_for_call, register_on_call
@@ -51,6 +52,9 @@ from .state import MaskBank, masks_for_call, register_on_call
 __all__ = ["NMOptionError", "nm_backend", "graph_parameters", "real_parameters"]
 
 log = logging.getLogger(__name__)
+
+# before the first compile: a frame first called inside a torch.func transform must be seen
+watch_eager_fallback()
 
 
 class NMOptionError(ValueError, ShortenTraceback):
@@ -63,7 +67,8 @@ class NMOptionError(ValueError, ShortenTraceback):
 
 def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                options: Mapping[str, Any] | None = None, mode: str | None = None) -> Callable:
-    """Compile a Dynamo graph with every parameter matmul rewritten to N:M sparse ops.
+    """Compile a Dynamo graph with every parameter matmul and convolution rewritten to N:M
+    sparse ops.
 
     Options are validated first, before AOTAutograd traces anything; a bad one raises
     :class:`NMOptionError` (a ``ValueError``) naming the key and the valid choices.
@@ -76,7 +81,6 @@ def nm_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         config = NMConfig.from_options(options)
     except ValueError as error:
         raise NMOptionError(str(error)) from None
-    watch_eager_fallback()  # past the recompile limit its calls would run dense: warn then
     root = compiled_module()
     coverage.watch(root, config)  # its weights no graph reads train dense: warn then
     names = ParameterNames(root)
@@ -120,7 +124,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
     scale_inputs = scales.input_positions(len(example_inputs)) if scales is not None else None
     example_inputs += scales.tensors if scales is not None else []
 
-    def on_rewrite(before: str, after: str, rewrite: RewriteMatmuls) -> None:
+    def on_rewrite(before: str, after: str, rewrite: SparsifyGraph) -> None:
         records = rewrite.records
         if scales is not None:
             scales.attach(rewrite.specs)
@@ -132,7 +136,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
             dump.write("joint_after.py", after)
             dump.write_records(records, config.to_dict(), rewrite.symbols)
 
-    rewrite = RewriteMatmuls(config, {p.position: p for p in params},
+    rewrite = SparsifyGraph(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,
                              bank.pack_failures if bank is not None else None,
                              _prior_specs(gm, example_inputs, params), scale_inputs)
@@ -147,6 +151,7 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
             lambda: _compile_dense(*dense_source, config),
             lambda args: masks_for_call(rewrite.specs, bank, args),
             dump.note_phase if dump is not None else None)
+    wrapped = dense_grads.track(wrapped, list(rewrite.specs))  # eager gradients: warn
     return _skip_fake_calls(wrapped, compiled, example_inputs[own:])
 
 
@@ -157,7 +162,7 @@ def _extra_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMC
     the graph reads as extra inputs, each ``None`` if it needs none, and a copy of ``gm`` with
     their placeholders after its own inputs (the bank's first)."""
     candidates = {p.position: example_inputs[p.position] for p in params
-                  if example_inputs[p.position].dim() == 2
+                  if example_inputs[p.position].dim() >= 2
                   and example_inputs[p.position].is_floating_point()}
     bank = scales = None
     packing = _packing(config, gm, params, candidates)
@@ -322,7 +327,7 @@ def _prior_specs(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
 
 def _compare_with_earlier_graphs(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                                 params: Sequence[GraphInput], rewrite: RewriteMatmuls) -> None:
+                                 params: Sequence[GraphInput], rewrite: SparsifyGraph) -> None:
     """Warn once per parameter that this graph masks while a graph compiled earlier reads it
     with its dense value (one that saw no GEMM it could mask, e.g. only a fused op or a slice
     of it); note this graph's own dense reads for the graphs compiled later."""
@@ -378,7 +383,10 @@ def _append_inputs(gm: fx.GraphModule, count: int, name: str = "nm_mask") -> fx.
     weights, S-STE scales) after its own inputs.
 
     Dynamo's own graph is left untouched (it reads its placeholders after the backend
-    returns); the Dynamo metadata AOTAutograd reads is carried over to the copy.
+    returns); the Dynamo metadata AOTAutograd reads is carried over to the copy. The new
+    inputs are static (as Dynamo marks parameters): under CUDA graphs (``reduce-overhead``)
+    they are read in place, not copied into the graph at each replay; their tensors (a mask
+    bank's persistent buffers, updated in place) keep their addresses, so no re-record.
     """
     copied = _copy_graph(gm)
     graph = copied.graph
@@ -387,6 +395,7 @@ def _append_inputs(gm: fx.GraphModule, count: int, name: str = "nm_mask") -> fx.
         with graph.inserting_after(last):
             last = graph.placeholder(f"{name}_{i}")
         last._dynamo_source = None  # no user-code source, like DDPOptimizer's own inputs
+        last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     copied.recompile()
     return copied
 
@@ -465,7 +474,7 @@ def _source(node: fx.Node) -> Any:
     return getattr(grapharg, "source", None) or getattr(node, "_dynamo_source", None)
 
 
-def _apply(rewrite: RewriteMatmuls, gm: fx.GraphModule) -> fx.GraphModule:
+def _apply(rewrite: SparsifyGraph, gm: fx.GraphModule) -> fx.GraphModule:
     rewrite(gm.graph)
     gm.recompile()
     return gm
@@ -480,7 +489,7 @@ def _dump_then_compile(gm: fx.GraphModule, example_inputs: Any, *, dump: GraphDu
     return compile_fx_inner(gm, example_inputs, **kwargs)
 
 
-def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
+def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: SparsifyGraph,
                       dump: GraphDump | None) -> Callable:
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
@@ -492,7 +501,7 @@ def _compile_inductor(gm: fx.GraphModule, example_inputs: list, rewrite: Rewrite
                           decompositions=decomposition_table())
 
 
-def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: RewriteMatmuls,
+def _compile_fx_only(gm: fx.GraphModule, example_inputs: list, rewrite: SparsifyGraph,
                      dump: GraphDump | None) -> Callable:
     """AOTAutograd without Inductor: the rewritten graphs run op by op (fast to compile)."""
     from functorch.compile import make_boxed_func

@@ -1,4 +1,6 @@
-"""Command line: ``nmcompile {demo,dump,solve,prune,bench} [flags]`` (also ``python -m nmcompile``).
+"""Command line: ``nmcompile COMMAND [flags]`` (also ``python -m nmcompile``).
+
+Commands: demo, dump, solve, prune, export, bench.
 
 Exit codes: 0 success, 1 failure while running, 2 usage error (argparse's convention).
 """
@@ -74,34 +76,61 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     dump.add_argument("--seq-len", type=_positive, default=16, help="tokens per sample")
     dump.add_argument("--seed", type=int, default=0)
 
+    kinds = ("CHECKPOINT: a save_pretrained directory (sharded or not), a .safetensors file or "
+             "a torch.save file")
     solve = sub.add_parser(
-        "solve", help="offline transposable N:M masks for the weights of a saved state_dict",
-        description="Solve a transposable N:M mask for every eligible 2-D weight of a saved "
-        "state_dict (torch.save) and save {name: bool mask} to --out. Embeddings and LM heads "
-        "are left out unless --all; weights whose dims are not multiples of m are skipped "
-        "with a note.")
+        "solve", help="offline transposable N:M masks for the weights of a saved checkpoint",
+        description="Solve a transposable N:M mask for every eligible 2-D weight of a "
+        "checkpoint and save {name: bool mask} to --out. Embeddings and LM heads are left out "
+        "unless --all; weights whose dims are not multiples of m are skipped with a note. "
+        + kinds + ".")
     solve.add_argument("checkpoint", metavar="CHECKPOINT")
     _add_ratio(solve)
     solve.add_argument("--method", choices=("mcf", "patterns", "greedy", "auto"),
                        default="auto", help="solver (default: %(default)s)")
-    solve.add_argument("--out", default="masks.pt", help="output file (default: %(default)s)")
+    solve.add_argument("--out", default=None,
+                       help="masks file, .safetensors or .pt by its suffix (default: masks.pt "
+                       "for a torch.save checkpoint, masks.safetensors otherwise)")
     solve.add_argument("--all", action="store_true",
-                       help="also solve embeddings and LM heads (the default layer filter)")
+                       help="also solve embeddings and LM heads (drops the default exclude "
+                       "patterns)")
+    solve.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                       help="leave weights matching this fnmatch pattern out, IN ADDITION to "
+                       "the default patterns (repeatable)")
     solve.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     prune = sub.add_parser(
-        "prune", help="write the pruned state_dict (W*M) and the masks of a checkpoint",
-        description="Prune every masked weight of a training checkpoint (W <- W*M) and write "
-        "the pruned state_dict to --out and the masks ({name: bool mask}) beside it. "
-        "CHECKPOINT: torch.save({'model': model.state_dict(), 'masks': "
-        "nmcompile.mask_state_dict(model)}) (a bare state_dict works with --masks).")
+        "prune", help="write the pruned checkpoint (W*M) and its masks, in the kind given",
+        description="Prune every masked weight of a checkpoint (W <- W*M) and write it to --out "
+        "in the kind it was given, every key kept (tied weights pruned under each of their "
+        "names): a directory with the same weight files, the config and tokenizer copied, the "
+        "masks in OUT/nm_masks.safetensors; a .safetensors file; a torch.save state_dict, the "
+        "masks beside it. Masks: --masks FILE, else the checkpoint's own: a torch.save "
+        "{'model': model.state_dict(), 'masks': nmcompile.mask_state_dict(model)}, or the "
+        "nm_mask_state.pt NMTrainerCallback saves into each Trainer checkpoint-* folder. "
+        + kinds + ".")
     prune.add_argument("checkpoint", metavar="CHECKPOINT")
-    prune.add_argument("--out", required=True, help="the pruned state_dict")
+    prune.add_argument("--out", required=True, help="the pruned checkpoint (a directory for "
+                       "a directory)")
     prune.add_argument("--masks", default=None,
-                       help="masks file ({name: bool mask}, e.g. from nmcompile solve) instead "
-                       "of the checkpoint's 'masks'")
+                       help="masks file ({name: bool mask}, .pt or .safetensors, e.g. from "
+                       "nmcompile solve) instead of the checkpoint's own")
     prune.add_argument("--masks-out", default=None,
-                       help="where the masks go (default: OUT with .masks.pt)")
+                       help="where the masks go (default: OUT/nm_masks.safetensors for a "
+                       "directory, else OUT with .masks.pt / .masks.safetensors)")
+
+    export = sub.add_parser(
+        "export", help="write a 2:4 Hugging Face checkpoint in the compressed-tensors format",
+        description="Prune a save_pretrained directory with its masks and write it to --out "
+        "in the compressed-tensors 2:4 sparsity format (sparse-24-bitmask), written by the "
+        "compressed-tensors library (pip install 'nmcompile[export]'), config included. "
+        "Masks: --masks FILE, else those stored in the directory (NMTrainerCallback's "
+        "nm_mask_state.pt, or nm_masks.safetensors from nmcompile prune).")
+    export.add_argument("checkpoint", metavar="DIR")
+    export.add_argument("--format", choices=("compressed-tensors",), default="compressed-tensors",
+                        help="output format (default: %(default)s)")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument("--masks", default=None, help="masks file (.pt or .safetensors)")
 
     bench = sub.add_parser(
         "bench", help="run the mask-solver benchmark (and GPU rows when CUDA is present)",
@@ -176,10 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_tool(args: argparse.Namespace) -> int:
-    from . import cli_tools
+    from . import cli_checkpoints, cli_tools
 
     run = {"dump": cli_tools.run_dump, "solve": cli_tools.run_solve,
-           "prune": cli_tools.run_prune, "bench": cli_tools.run_bench}[args.command]
+           "prune": cli_checkpoints.run_prune, "export": cli_checkpoints.run_export,
+           "bench": cli_tools.run_bench}[args.command]
     try:
         return run(args)
     except cli_tools.CliError as error:

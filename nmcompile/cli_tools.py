@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CliError", "build_model", "load_state_dict", "run_bench", "run_dump", "run_solve"]
+__all__ = ["CliError", "build_model", "read_checkpoint", "run_bench", "run_dump", "run_solve"]
 
 #: Built-in example models of ``nmcompile dump``.
 BUILTIN_MODELS = ("tinygpt",)
@@ -147,45 +147,35 @@ def _takes_labels(model: Any) -> bool:
 
 
 # -- solve -----------------------------------------------------------------------------------
-def load_state_dict(path: str) -> dict[str, Any]:
-    """A saved ``state_dict`` (or a checkpoint holding one under ``state_dict``/``model``)."""
-    import torch
+def read_checkpoint(path: str) -> Any:
+    """:func:`nmcompile.checkpoint_io.read_checkpoint`, its errors as :class:`CliError`."""
+    from .checkpoint_io import CheckpointError
+    from .checkpoint_io import read_checkpoint as read
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is one CLI error
-        raise CliError(f"cannot read checkpoint {path}: {type(error).__name__}: "
-                       f"{str(error).splitlines()[0] if str(error) else ''}") from None
-    if isinstance(data, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(data.get(key), Mapping) and len(data) <= 3:
-                data = data[key]
-                break
-    if not isinstance(data, Mapping):
-        raise CliError(f"checkpoint {path} holds a {type(data).__name__}, not a state_dict")
-    bad = sorted(str(k) for k, v in data.items() if not isinstance(v, torch.Tensor))
-    if bad:
-        raise CliError(f"checkpoint {path} has non-tensor entries: {', '.join(bad[:5])}"
-                       + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
-    return dict(data)
+        return read(path)
+    except CheckpointError as error:
+        raise CliError(str(error)) from None
 
 
 def run_solve(args: argparse.Namespace) -> int:
     """Transposable N:M masks of every eligible 2-D weight of a checkpoint, saved to ``--out``."""
-    import torch
     from tabulate import tabulate
 
+    from .checkpoint_io import alias_groups, save_masks
     from .config import DEFAULT_EXCLUDE, NMConfig
     from .extras import progress
     from .solvers import transposable_mask
 
-    state = load_state_dict(args.checkpoint)
-    layer_filter = NMConfig(n=args.n, m=args.m, exclude=() if args.all else DEFAULT_EXCLUDE)
+    ckpt = read_checkpoint(args.checkpoint)
+    state, aliases = ckpt.state, alias_groups(ckpt.state)
+    layer_filter = NMConfig(n=args.n, m=args.m, exclude=() if args.all else DEFAULT_EXCLUDE,
+                            extra_exclude=tuple(args.exclude))
     todo, notes = [], []
     for name, w in state.items():
-        if w.dim() != 2 or not w.is_floating_point():
-            continue
-        reason = layer_filter.excludes(name, w)
+        if w.dim() != 2 or not w.is_floating_point() or aliases[name][0] != name:
+            continue  # a tied weight is solved once, under its first key
+        reason = layer_filter.excludes(name, w, aliases[name][1:])
         if reason is None and (w.shape[0] % args.m or w.shape[1] % args.m):
             reason = f"shape {tuple(w.shape)}: dims not multiples of m={args.m}"
         if reason is None:
@@ -194,7 +184,7 @@ def run_solve(args: argparse.Namespace) -> int:
             notes.append(f"skipped {name}: {reason}")
     masks, rows = {}, []
     for name in progress(todo, desc="solving", unit="weight", disable=args.no_progress,
-                     file=sys.stderr):
+                         file=sys.stderr):
         w = state[name].float()
         start = time.perf_counter()
         mask = transposable_mask(w, args.n, args.m, method=args.method)
@@ -207,85 +197,9 @@ def run_solve(args: argparse.Namespace) -> int:
                    tablefmt="github"))
     for note in notes:
         print(f"note: {note}")
-    torch.save(masks, args.out)
-    print(f"\n{len(masks)} transposable {args.n}:{args.m} masks ({args.method}) -> {args.out}")
-    return 0
-
-
-# -- prune -----------------------------------------------------------------------------------
-def _read(path: str) -> Any:
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is one CLI error
-        raise CliError(f"cannot read {path}: {type(error).__name__}: "
-                       f"{str(error).splitlines()[0] if str(error) else ''}") from None
-
-
-def _bool_masks(found: Any, origin: str) -> dict[str, Any]:
-    """``{name: bool mask}`` from a mask file or a checkpoint's ``masks`` entry, as
-    ``nmcompile solve`` / ``apply_masks`` write them or as ``mask_state_dict`` does."""
-    import torch
-
-    if not isinstance(found, Mapping):
-        raise CliError(f"{origin}: masks must be a mapping of parameter names, got "
-                       f"{type(found).__name__}")
-    out = {}
-    for name, entry in found.items():
-        mask = entry.get("forward") if isinstance(entry, Mapping) else entry
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise CliError(f"{origin}: the mask of {name} is not a bool tensor")
-        out[str(name)] = mask
-    return out
-
-
-def run_prune(args: argparse.Namespace) -> int:
-    """Write the pruned ``state_dict`` (``W*M`` for every masked weight) and the masks."""
-    import torch
-    from tabulate import tabulate
-
-    data = _read(args.checkpoint)
-    masks_in = data.get("masks") if isinstance(data, Mapping) else None
-    if args.masks is not None:
-        masks_in, origin = _read(args.masks), args.masks
-    else:
-        origin = f"{args.checkpoint} ['masks']"
-    if masks_in is None:
-        raise CliError(f"no masks in {args.checkpoint}: save {{'model': model.state_dict(), "
-                       "'masks': nmcompile.mask_state_dict(model)}, or pass --masks FILE "
-                       "(e.g. from nmcompile solve)")
-    masks = _bool_masks(masks_in, origin)
-    if isinstance(data, Mapping):
-        for key in ("model", "state_dict"):
-            if isinstance(data.get(key), Mapping):
-                data = data[key]
-                break
-    if not isinstance(data, Mapping):
-        raise CliError(f"{args.checkpoint} holds no state_dict")
-    state = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if len(state) != len(data):
-        raise CliError(f"the state_dict in {args.checkpoint} has non-tensor entries")
-    unknown = sorted(set(masks) - set(state))
-    if unknown:
-        raise CliError(f"masks name weights the state_dict does not have: {unknown[:5]}")
-    rows = []
-    for name, mask in masks.items():
-        weight = state[name]
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise CliError(f"the mask of {name} is {tuple(mask.shape)}, the weight "
-                           f"{tuple(weight.shape)}")
-        state[name] = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype))
-        total = weight.abs().double().sum()
-        kept = float((weight.abs().double() * mask).sum() / total) if total > 0 else 1.0
-        rows.append([name, "x".join(map(str, weight.shape)),
-                     f"{mask.double().mean().item():.4f}", f"{kept:.4f}"])
-    masks_out = args.masks_out or str(Path(args.out).with_suffix("")) + ".masks.pt"
-    torch.save(state, args.out)
-    torch.save(masks, masks_out)
-    print(tabulate(rows, headers=["weight", "shape", "density", "kept |W|"],
-                   tablefmt="github"))
-    print(f"\n{len(masks)} weights pruned -> {args.out} (state_dict); masks -> {masks_out}")
+    out = args.out or ("masks.pt" if ckpt.kind == "pt" else "masks.safetensors")
+    save_masks(masks, out)
+    print(f"\n{len(masks)} transposable {args.n}:{args.m} masks ({args.method}) -> {out}")
     return 0
 
 

@@ -20,10 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .integrations.peft import adapter_layer
 from .solvers.mvue import MAX_M as MVUE_MAX_M
 from .solvers.patterns import MAX_PATTERN_M
 
 __all__ = [
+    "ADAPTER_POLICIES",
+    "DEFAULT_EXCLUDE",
     "FORWARD_POLICIES",
     "KERNEL_POLICIES",
     "MODES",
@@ -73,6 +76,10 @@ PRUNE_FUNCTIONS = ("hard", "sste")
 KERNEL_POLICIES = ("auto", "sparse", "emulate")
 #: ``mode``: Inductor's compile modes, as ``torch.compile(mode=...)`` names them.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: ``adapters``: PEFT adapter weights (LoRA's ``lora_A``/``lora_B``, ...): ``dense`` leaves them
+#: dense (low rank: no sparse speed-up, and a mask halves the adapter's capacity); ``sparse``
+#: lets the layer filter's other rules decide, as for any weight.
+ADAPTER_POLICIES = ("dense", "sparse")
 
 _ENV_DUMP_DIR = "NMCOMPILE_DUMP_DIR"
 #: Parameter-name patterns left dense by default: embeddings and language-model heads (tied
@@ -112,7 +119,12 @@ class NMConfig:
         min_numel: weights with fewer elements stay dense (semi-structured kernels need at
             least a 16 x 16 sparse operand).
         include: ``fnmatch`` patterns of parameter names to sparsify (``None``: all).
-        exclude: patterns of parameter names to leave dense (default :data:`DEFAULT_EXCLUDE`).
+        exclude: patterns of parameter names to leave dense (default :data:`DEFAULT_EXCLUDE`);
+            giving it REPLACES the defaults.
+        extra_exclude: more patterns to leave dense, ADDED to ``exclude`` (the defaults
+            included): ``extra_exclude=["*classifier*"]`` keeps embeddings and heads dense too.
+        adapters: PEFT adapter weights, one of :data:`ADAPTER_POLICIES` (default ``dense``;
+            :mod:`nmcompile.integrations.peft` says which weights are adapters).
         param_filter: optional predicate ``(name, param) -> bool`` applied after the patterns.
         dump_dir: folder for graph dumps and the per-matmul table; ``None`` reads
             ``NMCOMPILE_DUMP_DIR`` (unset: no dump).
@@ -123,6 +135,10 @@ class NMConfig:
         mode: Inductor's compile mode, one of :data:`MODES` (``torch.compile(mode=...)`` sets
             it too, when no ``options`` are given): ``reduce-overhead`` captures the compiled
             graphs in CUDA graphs, ``max-autotune`` also tunes Inductor's kernels.
+        micro_steps: calls of the compiled module per optimizer step (gradient accumulation)
+            that ``kernels="auto"``'s cost rule assumes: a weight's compressed copies are made
+            once per optimizer step, so their cost is shared by this many GEMM calls
+            (:mod:`nmcompile.kernels.cost`).
         sparse_start: optimizer steps of dense training before the sparse phase (0: sparse from
             the start); see :mod:`nmcompile.schedule`.
         sparse_stop: the optimizer step from which training is dense again, after the masked
@@ -146,24 +162,27 @@ class NMConfig:
     min_numel: int = 256
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    extra_exclude: tuple[str, ...] = ()
+    adapters: str = "dense"
     param_filter: Callable[[str, Any], bool] | None = None
     dump_dir: str | None = None
     inductor: bool = True
     kernels: str = "auto"
     mode: str = "default"
+    micro_steps: int = 1
     sparse_start: int = 0
     sparse_stop: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("n", "m", "mvue_n", "mvue_m", "min_numel", "bimask_candidates",
-                    "mask_interval"):
+                    "mask_interval", "micro_steps"):
             if not _is_int(getattr(self, key)):
                 raise ValueError(f"NMConfig.{key} must be an int, got {getattr(self, key)!r}")
         if not 0 < self.n < self.m:
             raise ValueError(f"NMConfig.n and .m need 0 < n < m, got n={self.n}, m={self.m}")
         if self.min_numel < 0:
             raise ValueError(f"NMConfig.min_numel must be >= 0, got {self.min_numel}")
-        for key in ("bimask_candidates", "mask_interval"):
+        for key in ("bimask_candidates", "mask_interval", "micro_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"NMConfig.{key} must be >= 1, got {getattr(self, key)}")
         for key, choices in (
@@ -176,6 +195,7 @@ class NMConfig:
             ("prune", PRUNE_FUNCTIONS),
             ("kernels", KERNEL_POLICIES),
             ("mode", MODES),
+            ("adapters", ADAPTER_POLICIES),
         ):
             if getattr(self, key) not in choices:
                 raise ValueError(
@@ -195,7 +215,7 @@ class NMConfig:
             0 <= self.decay < float("inf")
         ):
             raise ValueError(f"NMConfig.decay must be a finite float >= 0, got {self.decay!r}")
-        for key in ("include", "exclude"):
+        for key in ("include", "exclude", "extra_exclude"):
             value = getattr(self, key)
             if isinstance(value, str) or (value is not None and not all(
                     isinstance(v, str) for v in value)):
@@ -270,18 +290,25 @@ class NMConfig:
         """Why the layer filter leaves parameter ``name`` dense, or ``None`` if it does not.
 
         ``name`` is the parameter's ``named_parameters()`` name; ``aliases`` its other names
-        (a tied weight's, from ``named_parameters(remove_duplicate=False)``). ``include`` and
-        ``exclude`` patterns match any of them (excluding a tied LM head excludes the one
-        tensor it shares with the embedding); ``param_filter`` gets ``name``.
+        (a tied weight's, from ``named_parameters(remove_duplicate=False)``). ``include``,
+        ``exclude`` and ``extra_exclude`` patterns match any of them (excluding a tied LM head
+        excludes the one tensor it shares with the embedding); then PEFT adapter weights are
+        left dense (``adapters="dense"``); ``param_filter`` gets ``name``.
         """
         names = (name, *aliases)
         if self.include is not None and not any(
                 fnmatch.fnmatch(n, p) for n in names for p in self.include):
             return f"not matched by include={list(self.include)}"
         for n in names:
-            hit = next((p for p in self.exclude if fnmatch.fnmatch(n, p)), None)
+            hit = next((p for p in (*self.exclude, *self.extra_exclude)
+                        if fnmatch.fnmatch(n, p)), None)
             if hit is not None:
                 return f"excluded by pattern {hit!r}" + (f" (as {n})" if n != name else "")
+        if self.adapters == "dense":
+            adapter = adapter_layer(name)
+            if adapter is not None:
+                return (f"PEFT adapter weight ({adapter}): adapters stay dense "
+                        "(options adapters='sparse' masks them)")
         if self.param_filter is not None and not self.param_filter(name, param):
             return "rejected by param_filter"
         return None

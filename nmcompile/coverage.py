@@ -11,7 +11,8 @@ own) is compiled and masked. Nothing in torch says so.
 So at the first optimizer step after a module was compiled with the ``nm`` backend, every
 parameter of it that
 
-* is a 2-D floating-point weight that took a gradient (it trained), not an embedding's,
+* is a floating-point weight of two or more dims (a linear or convolution weight, any rank)
+  that took a gradient (it trained), not an embedding's,
 * passes the layer filter (``include``/``exclude``/``param_filter``, ``min_numel``), and
 * was read by no ``nm`` graph (for an FSDP2 parameter: its unsharded copy was not)
 
@@ -35,11 +36,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import fsdp
 from .config import NMConfig
 from .dump import write_unread
-from .fallback import DenseFallbackWarning, user_stacklevel
+from .fallback import DenseFallbackWarning, class_name, user_stacklevel
 from .masking import record_of
 from .schedule import phase_of
 
-__all__ = ["REASON", "note_read", "unread", "watch"]
+__all__ = ["REASON", "note_read", "roots", "unread", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ def watch(root: nn.Module | None, config: NMConfig) -> None:
         _hook = register_optimizer_step_post_hook(_on_step)
 
 
+def roots() -> list[nn.Module]:
+    """The modules compiled with the ``nm`` backend so far (those :func:`watch` was given)."""
+    return list(_WATCHED)
+
+
 def unread(root: nn.Module, config: NMConfig) -> dict[str, str]:
     """Name -> reason of each weight of ``root`` that trained dense because no ``nm`` graph
     read it (the rules are in the module docstring)."""
@@ -81,7 +87,7 @@ def unread(root: nn.Module, config: NMConfig) -> dict[str, str]:
                   for p in m.parameters(recurse=False)}
     found = {}
     for name, param in root.named_parameters():
-        if (param.dim() != 2 or not param.is_floating_point() or not param.requires_grad
+        if (param.dim() < 2 or not param.is_floating_point() or not param.requires_grad
                 or param.grad is None or id(param) in embeddings
                 or param.numel() < config.min_numel or config.excludes(name, param)):
             continue
@@ -90,14 +96,6 @@ def unread(root: nn.Module, config: NMConfig) -> dict[str, str]:
             continue
         found[name] = REASON
     return found
-
-
-def _class_name(module: nn.Module) -> str:
-    """The user's class of ``module`` (not the subclass ``fully_shard`` swaps in)."""
-    for cls in type(module).__mro__:
-        if not cls.__module__.startswith("torch.distributed"):
-            return cls.__name__
-    return type(module).__name__
 
 
 def _on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -112,7 +110,7 @@ def _on_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             continue
         sharded = any(fsdp.is_sharded(p) for p in root.parameters())
         warnings.warn(
-            f"nmcompile: {len(found)} weight(s) of the {_class_name(root)} compiled with "
+            f"nmcompile: {len(found)} weight(s) of the {class_name(root)} compiled with "
             f"backend='nm' were read by no nm graph and train DENSE: {sorted(found)}. The code "
             "that uses them ran eagerly (Dynamo skipped its frame, e.g. for a graph break "
             "inside a loop)." + (_FSDP_HINT if sharded else

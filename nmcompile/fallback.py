@@ -1,22 +1,26 @@
-"""A warning when Dynamo gives up on a frame the ``nm`` backend compiles: its calls run dense.
+"""Frames of the ``nm`` backend that Dynamo runs eagerly (dense): seen, explained, warned.
 
-Past ``torch._dynamo.config.recompile_limit`` (8 by default) compiles of one frame (or
-``accumulated_recompile_limit`` in all), Dynamo stops compiling it: from then on a call whose
-guards match none of its compiled graphs (a new batch size under ``dynamic=False``, say) runs
-the frame eagerly, i.e. with the dense weights and no N:M mask. Dynamo says so once, through
-``logging``, and training silently continues dense. Here a :class:`DenseFallbackWarning` is
-raised instead, once per module instance (or function), naming the function, the limit, the
-last recompile reason and the ways out (``dynamic=True``, ``torch._dynamo.mark_dynamic``, a
-larger limit). Nothing is warned when Dynamo raises instead of falling back (``fullgraph=True``,
-``torch._dynamo.config.fail_on_recompile_limit_hit``): the caller sees that error.
+Dynamo compiles a frame at its first call and at each call whose guards match none of its
+graphs; when that compile fails it runs the frame eagerly, i.e. with the dense weights and no
+N:M mask, and says so only through ``logging``. :func:`install` wraps Dynamo's
+``convert_frame._compile(code, ..., compiler_fn, ...)`` (once) and looks at every exception on
+its way out of a compile for the ``nm`` backend that makes the frame run eagerly (a soft
+``Unsupported`` error, or any error under ``torch._dynamo.config.suppress_errors``; nothing
+when Dynamo raises to the caller: ``fullgraph=True``, ``error_on_graph_break``):
 
-How the fallback is seen (torch 2.13): Dynamo's ``convert_frame._compile(code, ...,
-compiler_fn, ...)`` is about to compile a frame again when it finds the limit exceeded; it
-raises ``Unsupported`` (graph-break type ``"Dynamo recompile limit exceeded"``) carrying the
-``RUN_ONLY`` frame strategy that makes the frame run eagerly. :func:`install` wraps that module
-function (once, when the backend first compiles a graph) and looks at the exception on its
-way out: if the compile was for the ``nm`` backend, it warns. The wrapper never changes what
-Dynamo does; a failure inside it is logged at debug level.
+* its reason is remembered per module (or function), for the optimizer-step check of
+  :mod:`nmcompile.dense_grads` to name;
+* past ``torch._dynamo.config.recompile_limit`` (8 by default) compiles of one frame (or
+  ``accumulated_recompile_limit`` in all), Dynamo stops compiling it: a call that matches none
+  of its graphs (a new batch size under ``dynamic=False``, say) runs eagerly. Dynamo raises
+  ``Unsupported`` (graph-break type ``"Dynamo recompile limit exceeded"``) with the
+  ``RUN_ONLY`` frame strategy; a :class:`DenseFallbackWarning` is raised once per module
+  instance (or function), naming the function, the limit, the last recompile reason and the
+  ways out (``dynamic=True``, ``torch._dynamo.mark_dynamic``, a larger limit);
+* inside a ``torch.func`` transform Dynamo refuses to compile: :mod:`nmcompile.transforms`.
+
+The wrapper never changes what Dynamo does, except for the frame strategy of a refusal inside
+a ``torch.func`` transform (see there); a failure inside it is logged at debug level.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DenseFallbackWarning", "install", "user_stacklevel"]
+__all__ = ["DenseFallbackWarning", "class_name", "describe", "eager_reasons", "frame_module",
+           "install", "user_stacklevel"]
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +49,29 @@ _OWN_DIR = os.path.dirname(os.path.realpath(__file__))
 #: what was warned about, once each: the module whose frame it is (every instance of a module
 #: class shares its forward's code, and Dynamo counts recompiles per instance), or the code
 _WARNED: weakref.WeakSet = weakref.WeakSet()
+#: module whose frame ran eagerly after a failed nm compile -> {frame description: reason}
+_REASONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class DenseFallbackWarning(RuntimeWarning):
-    """Part of a model compiled with the ``nm`` backend trains dense, without masks: calls of a
-    frame past Dynamo's recompile limit (here), weights no ``nm`` graph reads
-    (:mod:`nmcompile.coverage`), a graph over ``DTensor`` parameters (the backend)."""
+    """Part of a model compiled with the ``nm`` backend runs dense, without masks: calls of a
+    frame past Dynamo's recompile limit (here), calls inside a ``torch.func`` transform
+    (:mod:`nmcompile.transforms`), weights no ``nm`` graph reads (:mod:`nmcompile.coverage`),
+    gradients of masked weights that no ``nm`` graph computed (:mod:`nmcompile.dense_grads`),
+    a graph over ``DTensor`` parameters (the backend)."""
 
 
 def install() -> bool:
-    """Watch Dynamo's recompile-limit fallback (idempotent). ``False`` if this torch's Dynamo
-    has no ``convert_frame._compile`` to watch (then nothing is warned)."""
+    """Watch Dynamo's failed compiles (idempotent; done when :mod:`nmcompile.backend` is
+    imported, i.e. by ``torch.compile(..., backend="nm")``, before its first compile).
+    ``False`` if this torch's Dynamo has no ``convert_frame._compile`` to watch (then nothing
+    is warned)."""
     from torch._dynamo import convert_frame
 
     original = getattr(convert_frame, "_compile", None)
     if original is None:
-        log.warning("nm: torch._dynamo.convert_frame._compile not found: a frame falling back "
-                    "to eager (dense) past the recompile limit will not be warned about")
+        log.warning("nm: torch._dynamo.convert_frame._compile not found: frames falling back "
+                    "to eager (dense) will not be explained or warned about")
         return False
     if getattr(original, "_nm_watched", False):
         return True
@@ -73,11 +84,12 @@ def install() -> bool:
         try:
             return original(*args, **kwargs)
         except Exception as error:
-            if getattr(error, "gb_type", None) == LIMIT_GB_TYPE:
-                try:
-                    _on_limit(error, signature.bind_partial(*args, **kwargs).arguments)
-                except Exception:  # noqa: BLE001  (never change what Dynamo does)
-                    log.debug("nm: recompile-limit warning failed", exc_info=True)
+            try:
+                _on_failure(error, signature.bind_partial(*args, **kwargs).arguments)
+            except Warning:
+                raise  # a DenseFallbackWarning that the user's warning filters make an error
+            except Exception:  # noqa: BLE001  (never change what Dynamo does)
+                log.debug("nm: looking at a failed compile failed", exc_info=True)
             raise
 
     _compile._nm_watched = True  # type: ignore[attr-defined]
@@ -102,28 +114,84 @@ def _is_nm(compiler_fn: Callable | None) -> bool:
     return False
 
 
-def _on_limit(error: Exception, args: dict[str, Any]) -> None:
-    if getattr(error, "frame_exec_strategy", None) is None:
-        return  # no fallback: Dynamo raises to the caller
+def _runs_eagerly(error: Exception, args: dict[str, Any]) -> bool:
+    """Whether Dynamo answers ``error`` by running the frame eagerly (as ``ConvertFrame`` does:
+    a soft ``Unsupported``/``UserError``, or any error under ``suppress_errors``), not by
+    raising it to the caller."""
+    from torch._dynamo import config, exc
+
     box = args.get("convert_frame_box")
-    if getattr(box, "error_on_graph_break", False):
-        return  # the Unsupported error reaches the caller
-    if not _is_nm(args.get("compiler_fn")):
+    if args.get("one_graph") or getattr(box, "error_on_graph_break", False):
+        return False
+    raised = tuple(getattr(exc, name) for name in ("UncapturedHigherOrderOpError",
+                                                    "ResumePrologueTracingError")
+                   if hasattr(exc, name))
+    if isinstance(error, raised):
+        return False
+    return isinstance(error, (exc.Unsupported, exc.UserError)) or bool(config.suppress_errors)
+
+
+def _on_failure(error: Exception, args: dict[str, Any]) -> None:
+    """Explain (and for some causes warn about) a failed ``nm`` compile whose frame runs
+    eagerly."""
+    if not _is_nm(args.get("compiler_fn")) or not _runs_eagerly(error, args):
         return
+    from . import transforms
+
     code, f_locals = args.get("code"), args.get("locals") or {}
-    module = _compiled_module(f_locals)
-    target = module if module is not None else code
-    if target in _WARNED:
-        return
-    _WARNED.add(target)
+    gb_type = getattr(error, "gb_type", None)
+    if gb_type == LIMIT_GB_TYPE:
+        reason = _on_limit(error, args)
+    elif gb_type == transforms.REFUSAL_GB_TYPE:
+        reason = transforms.on_refusal(error, code, f_locals)
+    else:
+        reason = _summary(error)
+    module = frame_module(f_locals)
+    if module is not None and reason:
+        _REASONS.setdefault(module, {})[describe(code, f_locals)] = reason
+
+
+def _summary(error: Exception) -> str:
+    """One line saying why a compile failed: Dynamo's graph-break type, or the error's first
+    line."""
+    gb_type = getattr(error, "gb_type", None)
+    if gb_type:
+        return f"Dynamo skipped the frame: {gb_type}"
+    inner = getattr(error, "inner_exception", None)  # BackendCompilerFailed: the backend's error
+    cause, who = ((inner, "the nm backend raised") if inner is not None
+                  else (error, "compiling it raised"))
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{who} {type(cause).__name__}: {first[:200]} (torch._dynamo.config.suppress_errors)"
+
+
+def eager_reasons(root: torch.nn.Module) -> dict[str, str]:
+    """Frame -> why Dynamo ran it eagerly, for the frames of ``root`` and its submodules whose
+    ``nm`` compile failed (the latest reason of each)."""
+    found: dict[str, str] = {}
+    for module in root.modules():
+        found.update(_REASONS.get(module, {}))
+    return found
+
+
+def _on_limit(error: Exception, args: dict[str, Any]) -> str | None:
+    if getattr(error, "frame_exec_strategy", None) is None:
+        return None  # no fallback: Dynamo raises to the caller
+    code, f_locals = args.get("code"), args.get("locals") or {}
     from torch._dynamo import config
 
     limit_type = _limit_type(str(error))
     limit = getattr(config, limit_type, "?")
+    summary = (f"past torch._dynamo.config.{limit_type} ({limit}), calls that match none of "
+               "its graphs run eagerly")
+    module = frame_module(f_locals)
+    target = module if module is not None else code
+    if target in _WARNED:
+        return summary
+    _WARNED.add(target)
     reason = _recompile_reason(args)
     warnings.warn(
         f"nmcompile: torch._dynamo hit config.{limit_type} ({limit}) on "
-        f"{_describe(code, f_locals)}, which the nm backend compiles. From now on its calls "
+        f"{describe(code, f_locals)}, which the nm backend compiles. From now on its calls "
         f"that match none of its compiled graphs run eagerly, i.e. DENSE (no N:M masks, no "
         f"sparse GEMMs)." + (f" Last recompile reason: {reason}." if reason else "")
         + " To keep them sparse, compile with dynamic=True, or mark the sizes that change "
@@ -132,6 +200,7 @@ def _on_limit(error: Exception, args: dict[str, Any]) -> None:
         DenseFallbackWarning,
         stacklevel=user_stacklevel(),
     )
+    return summary
 
 
 def _limit_type(message: str) -> str:
@@ -152,7 +221,7 @@ def _recompile_reason(args: dict[str, Any]) -> str | None:
     return reasons[0].strip() if reasons else None
 
 
-def _compiled_module(f_locals: dict[str, Any]) -> torch.nn.Module | None:
+def frame_module(f_locals: dict[str, Any]) -> torch.nn.Module | None:
     """The module a frame belongs to: ``self`` of a ``forward`` (or of ``Module._call_impl``,
     which ``module.compile()`` compiles), or ``fn`` of the wrapper frame Dynamo compiles
     around a module whose ``forward`` it does not trace as a frame (``inner`` in
@@ -163,18 +232,26 @@ def _compiled_module(f_locals: dict[str, Any]) -> torch.nn.Module | None:
     return None
 
 
-def _describe(code: Any, f_locals: dict[str, Any]) -> str:
+def describe(code: Any, f_locals: dict[str, Any]) -> str:
     """``Mlp.forward (model.py:12)``: the user's function, or the forward of the compiled
     ``nn.Module`` whose call a torch-internal frame is."""
     if not isinstance(code, CodeType):
         return "a frame"
-    module = _compiled_module(f_locals)
+    module = frame_module(f_locals)
     if module is not None and os.path.realpath(code.co_filename).startswith(_TORCH_DIR):
         forward = getattr(type(module).forward, "__code__", None)
         where = f" ({forward.co_filename}:{forward.co_firstlineno})" if forward else ""
         return f"{type(module).__qualname__}.forward{where}"
     name = getattr(code, "co_qualname", code.co_name)
     return f"{name} ({code.co_filename}:{code.co_firstlineno})"
+
+
+def class_name(module: torch.nn.Module) -> str:
+    """The user's class of ``module`` (not the subclass ``fully_shard`` swaps in)."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("torch.distributed"):
+            return cls.__name__
+    return type(module).__name__
 
 
 def user_stacklevel() -> int:

@@ -27,9 +27,9 @@ def to_semi_structured(model: nn.Module) -> dict[str, str]:
     reports, as a frozen parameter: ``F.linear`` then runs PyTorch's semi-structured kernels
     (cuSPARSELt on H100/H200). For inference only (the sparse weight takes no gradient).
 
-    Returns ``{parameter name: "converted" or the reason it was left as it is}`` (a weight of
-    another module type such as GPT-2's ``Conv1D``, a mask that is not 2:4 along in-features,
-    a shape the kernels do not take).
+    Returns ``{parameter name: "converted" or the reason it was left as it is}`` (a convolution
+    kernel, a weight of another module type such as GPT-2's ``Conv1D``, a mask that is not 2:4
+    along in-features, a shape the kernels do not take).
 
     Raises:
         ValueError: the model has no masked weights (compile it with ``backend="nm"`` and run it
@@ -55,7 +55,11 @@ def to_semi_structured(model: nn.Module) -> dict[str, str]:
         owner, _, attr = name.rpartition(".")
         module, weight = modules[owner], params[name]
         reason = None
-        if not isinstance(module, nn.Linear) or attr != "weight":
+        if isinstance(module, nn.modules.conv._ConvNd) and attr == "weight":
+            reason = (f"left dense: {type(module).__name__}.weight: torch has no 2:4 "
+                      "semi-structured convolution (nmcompile.apply_masks prunes it for a dense "
+                      "one)")
+        elif not isinstance(module, nn.Linear) or attr != "weight":
             reason = f"left dense: {type(module).__name__}.{attr} is not an nn.Linear weight"
         elif not _is_2_4(mask):
             reason = "left dense: the mask is not 2:4 along in-features"

@@ -14,7 +14,9 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .solvers import (
+    as_matrix,
     bimask,
+    from_matrix,
     nm_mask,
     soft_threshold,
     soft_threshold_scale,
@@ -47,8 +49,10 @@ class MaskSpec:
     """How the forward mask of one weight is computed.
 
     ``reduction_dim`` is the weight dim the forward GEMM reduces over (1 for ``nn.Linear``'s
-    ``[out, in]`` weight, 0 for a ``[in, out]`` weight used as ``x @ W``): a row-wise mask is
-    N:M along it. A transposable mask is N:M along both dims; ``method`` names its solver.
+    ``[out, in]`` weight and for a convolution kernel ``[out, in/groups, *kernel]``, 0 for a
+    ``[in, out]`` weight used as ``x @ W``): a row-wise mask is N:M along it (for a kernel, at
+    each kernel position: :func:`nmcompile.solvers.as_matrix`). A transposable mask is N:M
+    along both dims; ``method`` names its solver.
     """
 
     n: int
@@ -160,8 +164,8 @@ def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
         if spec.method == "patterns":
             return transposable_mask_scored(weight, spec.n, spec.m)
         return transposable_mask(weight, spec.n, spec.m, method=spec.method)
-    if spec.reduction_dim == 1:
-        return nm_mask(weight, spec.n, spec.m)
+    if spec.reduction_dim == 1:  # a convolution kernel: along in-channels, per kernel position
+        return from_matrix(nm_mask(as_matrix(weight), spec.n, spec.m), weight.shape)
     return nm_mask(weight.t(), spec.n, spec.m).t()
 
 
@@ -171,19 +175,20 @@ def sparse_weight(weight: torch.Tensor, mask: torch.Tensor, spec: MaskSpec,
 
     ``where(mask, W, 0)`` (hard thresholding), or with an S-STE ``scale`` (``prune="sste"``)
     ``scale * S(W)``, :func:`nmcompile.solvers.soft_threshold` on ``mask`` (groups along
-    ``spec.reduction_dim``; row and column groups for a transposable mask). The pass traces
-    it into the graphs; the schedule and ``apply_masks`` prune with it.
+    ``spec.reduction_dim``; row and column groups for a transposable mask; a convolution
+    kernel in its :func:`nmcompile.solvers.as_matrix` layout, the groups its mask has). The
+    pass traces it into the graphs; the schedule and ``apply_masks`` prune with it.
     """
     if scale is None:
         return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype,
                                                      device=weight.device))
     transposable = spec.policy == "transposable"
-    w2d, m2d = weight.reshape(weight.shape[0], -1), mask.reshape(mask.shape[0], -1)
+    w2d, m2d = as_matrix(weight), as_matrix(mask)
     if spec.reduction_dim == 0 and not transposable:
         soft = soft_threshold(w2d.t(), m2d.t(), spec.m).t()
     else:
         soft = soft_threshold(w2d, m2d, spec.m, transposable)
-    return scale.to(weight.dtype) * soft.reshape(weight.shape)
+    return scale.to(weight.dtype) * from_matrix(soft, weight.shape)
 
 
 def soft_threshold_scale_of(weight: torch.Tensor, mask: torch.Tensor,
@@ -197,7 +202,8 @@ def soft_threshold_scale_of(weight: torch.Tensor, mask: torch.Tensor,
 
 def compute_backward_mask(weight: torch.Tensor, forward: torch.Tensor,
                           spec: BackwardSpec) -> torch.Tensor:
-    """Bi-Mask backward mask ``F & B`` of an ``[out, in]`` weight (outside the graph)."""
+    """Bi-Mask backward mask ``F & B`` of an ``[out, in]`` weight or a convolution kernel
+    (outside the graph)."""
     generator = torch.Generator().manual_seed(spec.seed)
     result = bimask(weight.detach().cpu(), spec.n, spec.m, candidates=spec.candidates,
                     method=spec.method, forward_mask=forward.cpu(), generator=generator)
@@ -239,6 +245,13 @@ class LazyStats:
         self.kept = torch.where(sums[3] > 0, sums[2] / sums[3], 1.0)
         self._read = None
         return self
+
+    @classmethod
+    def of(cls, found: MaskStats) -> LazyStats:
+        """Stats already read (restored from a checkpoint with the mask they describe)."""
+        lazy = cls.__new__(cls)
+        lazy.refreshes, lazy._read = found.refreshes, found
+        return lazy
 
     def read(self) -> MaskStats:
         if self._read is None:

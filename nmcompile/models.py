@@ -5,6 +5,12 @@ blocks of causal self-attention and a GELU MLP, and an untied LM head. Attention
 with explicit matmuls (not ``scaled_dot_product_attention``) so a compiled graph holds both
 kinds of matmul the backend must tell apart: parameter x activation (projections, MLP, head:
 rewritten sparse) and activation x activation (attention scores and values: left dense).
+
+``ResNet`` is a ResNet of basic blocks (He et al., 2016): ``ResNet()`` has ResNet-18's layout
+(four stages of two blocks, 64 to 512 channels, a 7x7 stride-2 stem and a max-pool), and
+smaller widths, fewer blocks or a 3x3 stem make CPU-sized variants with the same kinds of
+convolution: 3x3 kernels with stride 1 and 2, strided 1x1 shortcuts, a stem with few input
+channels.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "TinyGPT", "Block"]
+__all__ = ["BasicBlock", "Block", "GPTConfig", "ResNet", "TinyGPT"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +121,64 @@ class TinyGPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a residual; a 1x1 convolution (with batch norm)
+    on the shortcut where the stride or the width changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """Image classifier ``[B, in_channels, H, W] -> [B, num_classes]`` logits.
+
+    Args:
+        blocks: basic blocks per stage; each stage after the first halves the resolution.
+        widths: channels per stage.
+        in_channels, num_classes: input channels and classes.
+        stem: ``"imagenet"`` (7x7 stride-2 convolution and a 3x3 stride-2 max-pool, as
+            ResNet-18) or ``"small"`` (one 3x3 convolution, for small images).
+    """
+
+    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2),
+                 widths: tuple[int, ...] = (64, 128, 256, 512), in_channels: int = 3,
+                 num_classes: int = 1000, stem: str = "imagenet") -> None:
+        super().__init__()
+        if len(blocks) != len(widths) or stem not in ("imagenet", "small"):
+            raise ValueError(f"ResNet: {len(blocks)} stages of blocks for {len(widths)} widths, "
+                             f"stem {stem!r} (expected 'imagenet' or 'small')")
+        layers: list[nn.Module] = []
+        if stem == "imagenet":
+            layers += [nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False),
+                       nn.BatchNorm2d(widths[0]), nn.ReLU(),
+                       nn.MaxPool2d(3, stride=2, padding=1)]
+        else:
+            layers += [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+                       nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        self.stem = nn.Sequential(*layers)
+        stages, cin = [], widths[0]
+        for i, (count, width) in enumerate(zip(blocks, widths, strict=True)):
+            stage = [BasicBlock(cin if j == 0 else width, width, 2 if i and j == 0 else 1)
+                     for j in range(count)]
+            stages.append(nn.Sequential(*stage))
+            cin = width
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))

@@ -64,7 +64,7 @@ def pack_writer(param: torch.Tensor, dtype: torch.dtype,
     found = layout_check.verdict(param.device, dtype)
     if found.writer is None:
         return None, None, f"torch._cslt_compress ({found.reason})"
-    rows, cols = param.shape if param.dim() == 2 else (0, 0)
+    rows, cols = _matrix_shape(param)
     operand = (cols, rows) if transposed else (rows, cols)
     reason = layout.shape_reason(*operand, found.arch)
     if found.writer == "triton" and reason is None:
@@ -77,6 +77,12 @@ def pack_writer(param: torch.Tensor, dtype: torch.dtype,
         return None, None, f"torch._cslt_compress ({reason})"
     names = {"triton": "Triton sparsify", "encoder": "layout encoder"}
     return found.writer, found.arch, f"{names[found.writer]} ({found.arch})"
+
+
+def _matrix_shape(param: torch.Tensor) -> tuple[int, int]:
+    """The ``[rows, cols]`` matrix a weight is compressed as (a pointwise convolution kernel
+    ``[out, in, 1, 1]``: ``[out, in]``)."""
+    return (param.shape[0], param[0].numel()) if param.dim() >= 2 else (0, 0)
 
 
 def run(work: Sequence[Work]) -> None:
@@ -143,7 +149,9 @@ def _launch(items: Sequence[Work], *, score: bool, n: int = 2) -> None:
     entries = []
     for item in items:
         blobs = {p.transposed: p.tensor for p in item.packs}
-        entries.append(sparsify.Item(item.param.detach(), item.record.forward.view(torch.uint8),
+        shape = _matrix_shape(item.param)
+        entries.append(sparsify.Item(item.param.detach().reshape(shape).contiguous(),
+                                     item.record.forward.view(shape).view(torch.uint8),
                                      blobs.get(False), blobs.get(True)))
     first_pack = items[0].packs[0]
     sums = sparsify.launch(entries, first_pack.dtype, first_pack.arch, score=score, n=n,
@@ -194,10 +202,10 @@ def write_packs(writer: str, arch: str, weight: torch.Tensor, dtype: torch.dtype
 def _compress_torch(pack: Pack, param: torch.Tensor, mask: torch.Tensor) -> None:
     """Write the compressed masked weight into ``pack`` (in place: its tensor is a graph input)
     with the pure-torch encoder where it serves, else ``torch._cslt_compress``."""
-    masked = masked_weight(param.detach().to(pack.dtype), mask)
+    masked = masked_weight(param.detach().to(pack.dtype), mask).flatten(1)
     operand = masked.t() if pack.transposed else masked
     if pack.writer == "encoder":
-        keep = mask.t() if pack.transposed else mask
+        keep = mask.flatten(1).t() if pack.transposed else mask.flatten(1)
         pack.tensor.copy_(layout.encode(operand.contiguous(), pack.arch, keep.contiguous(),
                                         check=False))
     else:

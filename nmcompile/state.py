@@ -33,6 +33,7 @@ from .kernels import cusparselt
 from .masking import (
     BackwardSpec,
     BankSlots,
+    LazyStats,
     MaskRecord,
     MaskSpec,
     MaskStats,
@@ -44,6 +45,7 @@ from .masking import (
     sparse_weight,
 )
 from .schedule import phase_of
+from .solvers.bimask import bimask_shape_reason
 
 __all__ = ["MaskBank", "apply_masks", "load_mask_state_dict", "mask_state_dict", "masks",
            "masks_for_call", "prune_in_place", "register_on_call", "stats", "weight_token"]
@@ -195,7 +197,9 @@ class MaskBank:
         cfg = self.config
         for pos, spec in specs.items():
             backward = None
-            if self._slots[pos].backward is not None and spec.reduction_dim == 1:
+            shape = self.tensors[self._slots[pos].forward].shape
+            if (self._slots[pos].backward is not None and spec.reduction_dim == 1
+                    and bimask_shape_reason(shape, spec.m) is None):
                 backward = BackwardSpec(cfg.n, cfg.m, cfg.bimask_candidates, cfg.bimask_method)
             self._specs[pos] = (spec, backward, tuple(sorted((packed_used or {}).get(pos, ()))))
 
@@ -287,8 +291,10 @@ def _new_mask(param: torch.Tensor) -> torch.Tensor:
 
 def _new_pack(param: torch.Tensor, dtype: torch.dtype, transposed: bool) -> Pack:
     """An empty compressed-weight buffer for ``param`` (its size is the library's), with the
-    writer that will fill it (:func:`nmcompile.refresh.pack_writer`)."""
-    shape = tuple(param.shape[::-1]) if transposed else tuple(param.shape)
+    writer that will fill it (:func:`nmcompile.refresh.pack_writer`); a pointwise convolution
+    kernel is compressed as its ``[out, in]`` matrix (``flatten(1)``)."""
+    shape = (param.shape[0], param[0].numel())
+    shape = shape[::-1] if transposed else shape
     with torch.no_grad():
         blob = cusparselt.compress(torch.zeros(shape, dtype=dtype, device=param.device))
     writer, arch, label = refresh.pack_writer(param, dtype, transposed)
@@ -462,7 +468,10 @@ def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     for name, param, key, record in _named_records(model):
         phase = phase_of(key) or "sparse"
         scale = None if record.scale is None else float(record.scale)
-        if record.forward is not None and record.stats is not None:
+        if record.forward is not None and record.stats is None:  # restored without its stats
+            record.stats = LazyStats(fsdp.full_weight(param), record.forward, None,
+                                     record.refreshes)
+        if record.forward is not None:
             out[name] = dataclasses.replace(record.stats.read(), phase=phase, scale=scale)
             _watch_flips(name, record, out[name])
             continue
@@ -500,6 +509,9 @@ def mask_state_dict(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             "refreshes": record.refreshes,
             "steps": record.steps,
             "scale": None if record.scale is None else record.scale.clone(),
+            # the stats of the last refresh, which stats() reports until the next one
+            "stats": (None if record.forward is None or record.stats is None
+                      else dataclasses.asdict(record.stats.read())),
         }
     return state
 
@@ -531,4 +543,6 @@ def _load_record(record: MaskRecord, entry: Mapping[str, Any]) -> None:
         record.backward.copy_(entry["backward"])
     record.refreshes = max(1, int(entry["refreshes"]))
     record.steps = int(entry["steps"])
+    saved = entry.get("stats")
+    record.stats = LazyStats.of(MaskStats(**saved)) if isinstance(saved, Mapping) else None
     record.version = None  # loading the weights is not a training step

@@ -37,12 +37,16 @@ def test_config_object_and_overrides():
         ({"n": 4, "m": 8, "transposable_method": "patterns"}, ["m <= 4", "'mcf'"]),
         ({"forward": "transposable", "grad_input": "bimask"}, ["grad_input='bimask'", "rowwise"]),
         ({"mask_interval": 0}, ["mask_interval", ">= 1"]),
+        ({"micro_steps": 0}, ["micro_steps", ">= 1"]),
+        ({"micro_steps": 2.0}, ["NMConfig.micro_steps", "int"]),
         ({"grad_weight": "fst", "n": 3, "m": 4}, ["grad_weight='fst'", "n to divide m", "3:4"]),
         ({"bimask_method": "best"}, ["bimask_method='best'", "optimized"]),
         ({"forward": "rowwise", "grad_input": "transposable"}, ["grad_input='dense'"]),
         ({"config": {"n": 2}}, ["options['config']"]),
         ({"exclude": "lm_head"}, ["NMConfig.exclude", "sequence"]),
         ({"param_filter": 3}, ["param_filter", "callable"]),
+        ({"extra_exclude": "*lora_*"}, ["NMConfig.extra_exclude", "sequence"]),
+        ({"adapters": "masked"}, ["adapters='masked'", "dense", "sparse"]),
         ({"mvue_n": 4, "mvue_m": 16}, ["mvue_n:mvue_m=4:16", "<= 8"]),
         ({"mvue_n": 2, "mvue_m": 2}, ["mvue_n:mvue_m=2:2"]),
         ({"kernels": "cusparselt"}, ["kernels='cusparselt'", "auto", "sparse", "emulate"]),
@@ -108,3 +112,16 @@ def test_torch_compile_modes_compile_and_mask(mode):
     want = x.detach() @ torch.where(mask, lin.weight.detach(), 0).t() + lin.bias.detach()
     torch.testing.assert_close(out.detach(), want)
     assert x.grad is not None
+
+
+def test_exclude_replaces_the_defaults_extra_exclude_extends_them():
+    head = "lm_head.weight"
+    assert NMConfig().excludes(head, None) == "excluded by pattern '*lm_head*'"
+    replaced = NMConfig(exclude=["*classifier*"])
+    assert replaced.excludes(head, None) is None  # the defaults are gone
+    assert replaced.excludes("classifier.weight", None) == "excluded by pattern '*classifier*'"
+    extended = NMConfig(extra_exclude=["*classifier*"])
+    assert extended.excludes(head, None) == "excluded by pattern '*lm_head*'"
+    assert extended.excludes("classifier.weight", None) == "excluded by pattern '*classifier*'"
+    assert extended.excludes("blocks.0.fc.weight", None) is None
+    assert extended.extra_exclude == ("*classifier*",)  # lists become tuples (hashable config)

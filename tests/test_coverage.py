@@ -81,3 +81,47 @@ def test_a_model_compiled_whole_is_not_warned_about():
     model = Net(loop_break=False)
     assert _train(model, {}) == []
     assert {"inp.weight", "head.weight"} <= set(nmcompile.masks(model))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return x + self.norm(self.conv(x))
+
+
+class ConvNet(nn.Module):
+    """A stem convolution and a head at the root, around conv blocks called in a loop that
+    breaks the graph: the stem's 4-D weight is named like a linear weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(4, 8, 3, padding=1)
+        self.blocks = nn.ModuleList([ConvBlock(), ConvBlock()])
+        self.head = nn.Conv1d(8, 32, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            torch._dynamo.graph_break()
+            x = block(x)
+        return self.head(x.flatten(2)).square().mean()
+
+
+def test_weights_of_any_rank_are_named():
+    torch.manual_seed(0)
+    model = ConvNet()
+    compiled = torch.compile(model, backend="nm", options={"inductor": False})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(2, 4, 6, 6)).backward()
+        opt.step()
+    found = [str(w.message) for w in caught if issubclass(w.category, DenseFallbackWarning)]
+    # the stem (4-D) and head (3-D) weights ran eagerly; biases and BatchNorm's 1-D weights
+    # are not weights a mask would cover
+    assert len(found) == 1 and "['head.weight', 'stem.weight']" in found[0], found
+    assert sorted(nmcompile.masks(model)) == ["blocks.0.conv.weight", "blocks.1.conv.weight"]

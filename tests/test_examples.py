@@ -40,6 +40,24 @@ def test_hf_gpt2_trains_with_the_schedule_prunes_and_saves(tmp_path):
         assert torch.all(params[name][~mask] == 0), name  # saved pruned
 
 
+@pytest.mark.slow
+def test_hf_trainer_trains_with_the_callback_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    small = ["--batch-size", "2", "--seq-len", "32", "--save-steps", "3", "--out", str(tmp_path)]
+    out = _run("hf_trainer.py", "--steps", "6", *small)
+    assert "14 weights trained 2:4 sparse" in out  # 2 layers x 7 projections
+    assert "'nm/density'" in out  # the Trainer's console log shows the stats
+    rows = [line for line in out.splitlines() if line.startswith("| model.layers.")]
+    assert len(rows) == 14 and all("| sparse" in row for row in rows)
+    saved = torch.load(tmp_path / "checkpoint-6" / "nm_mask_state.pt", weights_only=True)
+    assert saved["global_step"] == 6 and len(saved["masks"]) == 14
+    out = _run("hf_trainer.py", "--steps", "9", "--resume", *small)
+    assert "14 weights trained 2:4 sparse" in out
+    assert torch.load(tmp_path / "checkpoint-9" / "nm_mask_state.pt",
+                      weights_only=True)["global_step"] == 9
+
+
 def _torchrun(script: str, *args: str, cwd: Path) -> str:
     """``torchrun --standalone --nproc_per_node=2 examples/SCRIPT ARGS`` (gloo on CPU)."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

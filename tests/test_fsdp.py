@@ -389,6 +389,15 @@ class _Counted:
         torch._cslt_compress, torch._cslt_sparse_mm = counted_compress, counted_mm
 
 
+def _pack_writes(model: nn.Module) -> int:
+    """Compressed weights written so far for ``model``'s masked weights, by any writer (the
+    Triton sparsify kernels, the pure-torch encoder or ``torch._cslt_compress``)."""
+    from nmcompile.state import _named_records
+
+    return sum(pack.compressions for *_, record in _named_records(model)
+               for pack in record.packs.values())
+
+
 def _kernel_worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
     """bf16 FSDP2 (MixedPrecisionPolicy) with per-block compiles, 2 micro-steps per optimizer
     step, on the sparse-kernel path, then the same with the masked-dense emulation: on CPU
@@ -432,7 +441,7 @@ def _kernel_worker(rank: int, port: int, out: str, world: int = WORLD) -> None:
                     loss.backward()
                 used.append({k: v.cpu() for k, v in nmcompile.masks(model).items()})
                 opt.step()
-                compressions.append(cslt.compress_calls)
+                compressions.append(_pack_writes(model))
                 calls.append(cslt.mm_calls)
             results[kernels] = {
                 "state": {k: v.full_tensor().cpu() for k, v in model.state_dict().items()},

@@ -169,3 +169,46 @@ def test_apply_masks_writes_the_soft_thresholded_weight():
         want = sparse_weight(weights[name], masks[name], _spec({}), torch.tensor(scales[name]))
         assert torch.equal(model.get_parameter(name).detach(), want), name
     torch.testing.assert_close(model(x), sparse_out)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("forward", ["transposable", "rowwise"])
+def test_convolutions_read_the_soft_thresholded_kernel(forward):
+    """Convolutions too: forward, grad-input and the straight-through kernel gradient are those
+    of ``beta * S(W)`` with S over the kernel's groups (m input channels at one position)."""
+    options = {"forward": forward,
+               "grad_input": "transposable" if forward == "transposable" else "dense"}
+    torch.manual_seed(0)
+    model = ConvNet()
+    x = torch.randn(2, 4, 6, 6)
+    out = _compile(model, **options)(x)
+    masks = nmcompile.masks(model)
+    assert set(masks) == {"conv1.weight", "conv2.weight", "fc.weight"}
+    scales = {name: s.scale for name, s in nmcompile.stats(model).items()}
+    assert scales == pytest.approx(
+        {n: soft_threshold_scale(model.get_parameter(n), sparse_weight(
+            model.get_parameter(n).detach(), masks[n], _spec(options), torch.ones(()))).item()
+         for n in masks}, rel=1e-6)
+    ref = _reference(model, masks, scales, _spec(options))
+    torch.testing.assert_close(out.double(), ref(x.double()), rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    ref(x.double()).square().sum().backward()
+    assert_grads_match(model, ref)
+    # the control: the hard-masked kernel is another function
+    hard = _reference(model, masks, {n: 1.0 for n in masks}, _spec(options))
+    for name, param in hard.named_parameters():
+        if name in masks:
+            with torch.no_grad():
+                param.copy_(torch.where(masks[name], model.get_parameter(name).double(), 0))
+    assert not torch.allclose(out.double(), hard(x.double()), rtol=1e-3, atol=1e-4)

@@ -140,3 +140,44 @@ def test_gradients_match_masked_dense_fp64_reference(family):
     ref_loss.backward()
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     assert_grads_match(model, ref)
+
+
+def _generate(model: torch.nn.Module, backend: str | None, options: dict | None = None):
+    """Greedy generation with the KV cache: ``(tokens, logits of each new token, graphs)``."""
+    torch._dynamo.reset()
+    counters.clear()
+    if backend is not None:
+        model.compile(backend=backend, options=options)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True, output_scores=True)
+    return out.sequences, torch.stack(out.scores), counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("family, inductor", [
+    ("llama", False),
+    pytest.param("gpt2", False, marks=pytest.mark.slow),  # a minute or two each on 2 cores
+    pytest.param("llama", True, marks=pytest.mark.slow),
+    pytest.param("gpt2", True, marks=pytest.mark.slow),
+])
+def test_generate_runs_sparse_and_compiles_as_many_graphs_as_aot_eager(family, inductor):
+    """``model.compile(backend="nm")`` then ``generate``: the logits are those of the pruned
+    model run dense (the masks are applied), with the graphs ``aot_eager`` compiles (prefill,
+    first decode step, decode step with a dynamic length)."""
+    model = _build(family).eval()
+    *_, graphs_aot = _generate(_build(family).eval(), "aot_eager")
+    tokens, logits, graphs = _generate(model, "nm", {"inductor": inductor})
+    assert graphs == graphs_aot == 3
+    masks = nmcompile.masks(model)
+    assert len(masks) == len(ATTN_MLP[family][0])
+    pruned = _build(family).eval()
+    with torch.no_grad():
+        for name, param in pruned.named_parameters():
+            if name in masks:
+                param.mul_(masks[name])
+    dense_tokens, dense_logits, _ = _generate(pruned, None)
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits, rtol=1e-5, atol=1e-5)
+    _, unpruned_logits, _ = _generate(_build(family).eval(), None)  # the masks matter
+    assert (logits - unpruned_logits).abs().max() > 1e-3

@@ -47,14 +47,17 @@ def _static(*sizes: object) -> bool:
 
 
 def choose(policy: str, role: str, *, device: torch.device, dtype: torch.dtype, m: object,
-           k: object, n: object, blocker: str | None = None, graphs: bool = False) -> Choice:
+           k: object, n: object, blocker: str | None = None, graphs: bool = False,
+           micro_steps: int = 1) -> Choice:
     """The kernel of a GEMM ``[m, k] (compressed) @ [k, n]`` in ``dtype`` on ``device``.
 
     ``role``: ``forward`` (m = out, k = in, n = tokens), ``grad_input`` (in, out, tokens) or
     ``grad_weight`` (out, tokens, in). ``blocker``: a reason the caller already knows the sparse
     kernel cannot serve this GEMM (e.g. the mask is not 2:4 along ``k``). Sizes may be symbolic
     (dynamic shapes): ``"sparse"`` then checks them at run time, ``"auto"`` stays dense.
-    ``graphs``: the compiled step runs from CUDA graphs (the cost rule compares device times).
+    ``graphs``: the compiled step runs from CUDA graphs (the cost rule compares device times);
+    ``micro_steps``: calls per optimizer step (the cost rule charges a weight's compression
+    once per optimizer step).
     """
     if policy == "emulate":
         return Choice(False, "dense: kernels='emulate'")
@@ -73,14 +76,26 @@ def choose(policy: str, role: str, *, device: torch.device, dtype: torch.dtype, 
         if role == "grad_weight" and not _static(m, k, n):  # the op checks each call's sizes
             return Choice(True, f"{SPARSE_LABEL} (when the call's token count fits the "
                                 f"contract, else dense)")
-        return Choice(True, SPARSE_LABEL)
+        return Choice(True, _label([], device, role, m, k, n, dtype, 0))
     if not _static(m, k, n):
         return Choice(False, "dense: cost rule needs static shapes (dynamic token count)")
-    verdict = cost.default_rule().decide(device, cost.GemmShape(role, m, k, n, dtype), graphs)
+    verdict = cost.default_rule().decide(device, cost.GemmShape(role, m, k, n, dtype), graphs,
+                                         micro_steps)
     if verdict.sparse:
-        alg = f", alg {verdict.alg_id}" if verdict.alg_id else ""
-        return Choice(True, f"{SPARSE_LABEL} ({verdict.speedup:.2f}x{alg})", verdict.alg_id)
+        parts = [f"{verdict.speedup:.2f}x"] + ([f"alg {verdict.alg_id}"] if verdict.alg_id else [])
+        return Choice(True, _label(parts, device, role, m, k, n, dtype, verdict.alg_id),
+                      verdict.alg_id)
     return Choice(False, verdict.reason)
+
+
+def _label(parts: list[str], device: torch.device, role: str, m: object, k: object, n: object,
+           dtype: torch.dtype, alg_id: int) -> str:
+    """``cuSPARSELt (1.45x, alg 17)``, saying when torch's per-call plans run it instead of
+    cached ones (:mod:`.cusparselt_plans`), and why."""
+    note = cusparselt.plans_note(device, role, m, k, n, dtype, alg_id) if _static(m, k, n) \
+        else None
+    text = ", ".join(parts) + (f"; torch's per-call plans: {note}" if note else "")
+    return f"{SPARSE_LABEL} ({text.removeprefix('; ')})" if text else SPARSE_LABEL
 
 
 def mvue_kernel_arch(choice: Choice, grad_t: torch.Tensor, n: int, m: int) -> str:
@@ -125,13 +140,16 @@ def packing_dtype(policy: str, param: torch.Tensor,
     (so that its compressed copies are worth keeping), else ``None``.
 
     bf16/fp16 weights run in their own dtype; fp32 weights in the autocast dtype of their device
-    if autocast is on. Shapes must pass the compressed-operand contract both ways.
+    if autocast is on. Shapes must pass the compressed-operand contract both ways. A
+    convolution kernel qualifies if it is pointwise (``[out, in, 1, ...]``: its GEMM weight is
+    ``param.flatten(1)``); no other kernel is a GEMM operand.
     """
-    if policy == "emulate" or param.dim() != 2 or cusparselt.device_reason(param.device):
+    if (policy == "emulate" or param.dim() < 2 or any(s != 1 for s in param.shape[2:])
+            or cusparselt.device_reason(param.device)):
         return None
     dtype = param.dtype
     if dtype == torch.float32:
         dtype = autocast.get(param.device.type, dtype)
-    if cusparselt.sparse_operand_reason(*param.shape, dtype) is not None:
+    if cusparselt.sparse_operand_reason(*param.shape[:2], dtype) is not None:
         return None
     return dtype

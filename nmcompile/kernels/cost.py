@@ -3,19 +3,23 @@ shape and dtype, the kernel was checked to compute the right numbers and to be f
 dense GEMM.
 
 Each distinct ``(device, dtype, role, m, k, n)`` is measured once, at compile time
-(:func:`measure`), on random data of that shape: the sparse kernel's result and the dense GEMM's
-result on the same 2:4-masked operand are both compared with an fp64 product, and both are timed
-(CUDA events, warm-up, median). The GEMM goes sparse when
+(:func:`.measure.measure`), on random data of that shape, through the calls the compiled step
+makes (:mod:`.cusparselt`: cached plans where they serve, :mod:`.cusparselt_plans`): the sparse
+kernel's result and the dense GEMM's result on the same 2:4-masked operand are both compared
+with an fp64 product, and both are timed (CUDA events, warm-up, median; :mod:`.timing`). The
+host time one sparse call takes to return is recorded too (``host_ms``). The rule judges a GEMM
+by what it costs per optimizer step of ``micro_steps`` calls (gradient accumulation; the
+``micro_steps`` option, 1 by default). It goes sparse when
 
 * the sparse result is finite and its relative error (Frobenius norm) is at most
   :data:`ERROR_FACTOR` times the dense low-precision GEMM's own (floored at a quarter of the
   dtype's epsilon), and
-* ``dense_ms / (sparse_ms + compress_ms) >= MIN_SPEEDUP``: the compression of the sparse
-  operand is charged in full to every call, which is exact for the grad-weight GEMM (a pruned
-  output gradient is compressed at every micro-step) and conservative for the weights (compressed
-  once per optimizer step and shared by its micro-steps). Under ``mode="reduce-overhead"`` the
-  GEMMs are compared by their device times replayed from CUDA graphs (no host overhead), as
-  they then run.
+* ``dense_ms / (sparse_ms + compress_ms / micro_steps) >= MIN_SPEEDUP`` for the forward and
+  grad-input GEMMs, whose compressed operand (the masked weight or its transpose) is made once
+  per optimizer step and shared by its micro-steps; ``dense_ms / (sparse_ms + compress_ms)``
+  for the grad-weight GEMM, whose operand (a pruned output gradient) is compressed at every
+  call. Under ``mode="reduce-overhead"`` the GEMMs are compared by their device times replayed
+  from CUDA graphs (no host overhead), as they then run.
 
 Otherwise it stays dense, with the reason in the dump: ``dense: cost rule (sparse 0.87x at
 4096x4096x512 bf16)`` or ``dense: sparse kernel failed its self-check: <error>``. The shape is
@@ -27,7 +31,8 @@ Measurements are cached in memory and on disk, in ``cost_rule.json`` of nmcompil
 folder (``$NMCOMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/nmcompile``, else
 ``~/.cache/nmcompile``), keyed by the device's name, the torch version and the cuSPARSELt
 version; the file is validated when read (a malformed file or entry is ignored, with one
-warning, and measured again).
+warning, and measured again). A measurement is taken again when the call path it timed
+(``call_path``: ``plans`` or ``torch``) is not the one the device has now.
 """
 
 from __future__ import annotations
@@ -37,19 +42,18 @@ import json
 import logging
 import math
 import os
-import statistics
-import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from . import cusparselt
+from . import cusparselt, cusparselt_plans
+from .timing import graph_ms, timer
 
 __all__ = [
     "ERROR_FACTOR",
@@ -58,11 +62,11 @@ __all__ = [
     "GemmShape",
     "Measurement",
     "Verdict",
+    "call_path",
     "default_rule",
     "device_key",
     "graph_ms",
     "judge",
-    "measure",
     "timer",
     "using",
 ]
@@ -73,12 +77,14 @@ log = logging.getLogger(__name__)
 MIN_SPEEDUP = 1.05
 #: The sparse kernel's error may be at most this many times the dense GEMM's own error.
 ERROR_FACTOR = 4.0
-FORMAT = 2
+FORMAT = 3
 ROLES = ("forward", "grad_input", "grad_weight")
+#: What runs a sparse call: cached plans (:mod:`.cusparselt_plans`) or ``torch._cslt_sparse_mm``
+CALL_PATHS = ("plans", "torch")
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 _FIELDS = ("sparse_ms", "compress_ms", "dense_ms", "sparse_error", "dense_error", "alg0_ms",
-           "sparse_graph_ms", "dense_graph_ms")
-_OPTIONAL = ("alg0_ms", "sparse_graph_ms", "dense_graph_ms")
+           "sparse_graph_ms", "dense_graph_ms", "host_ms")
+_OPTIONAL = ("alg0_ms", "sparse_graph_ms", "dense_graph_ms", "host_ms")
 
 
 @dataclass(frozen=True)
@@ -103,10 +109,12 @@ class GemmShape:
 
 @dataclass(frozen=True)
 class Measurement:
-    """What :func:`measure` found for one shape: median milliseconds of the sparse GEMM (with an
-    already compressed operand, with cuSPARSELt algorithm ``alg_id``), of compressing that
-    operand and of the dense GEMM; relative errors of both against fp64; the time of algorithm 0
-    for the record. ``failure`` is the error the sparse path raised, if any."""
+    """What :func:`.measure.measure` found for one shape: median milliseconds of the sparse GEMM
+    (with an already compressed operand, with cuSPARSELt algorithm ``alg_id``), of compressing
+    that operand and of the dense GEMM; relative errors of both against fp64; the time of
+    algorithm 0 for the record. ``failure`` is the error the sparse path raised, if any.
+    ``host_ms``: host milliseconds one sparse call takes to return; ``call_path``: what ran it
+    (``plans``: cached plans, ``torch``: ``torch._cslt_sparse_mm``; ``None``: not recorded)."""
 
     sparse_ms: float | None = None
     compress_ms: float | None = None
@@ -118,6 +126,8 @@ class Measurement:
     sparse_graph_ms: float | None = None
     dense_graph_ms: float | None = None
     failure: str | None = None
+    host_ms: float | None = None
+    call_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +159,9 @@ def _cache_file() -> Path:
 
 
 def _valid(entry: object) -> bool:
-    if not isinstance(entry, dict) or set(entry) != {*_FIELDS, "alg_id", "failure"}:
+    if not isinstance(entry, dict) or set(entry) != {*_FIELDS, "alg_id", "failure", "call_path"}:
+        return False
+    if entry["call_path"] not in (None, *CALL_PATHS):
         return False
     if entry["failure"] is not None:
         return isinstance(entry["failure"], str)
@@ -165,8 +177,8 @@ class CostRule:
     """Decides, GEMM by GEMM, sparse kernel or dense; measures each shape once.
 
     Args:
-        measure_fn: ``(device, shape) -> Measurement``; :func:`measure` by default (tests hand
-            in a table).
+        measure_fn: ``(device, shape) -> Measurement``; :func:`.measure.measure` by default
+            (tests hand in a table).
         path: the JSON cache file; ``None`` keeps results in memory only. Default: the cache
             folder's ``cost_rule.json``.
         key_fn: ``device -> str`` cache key; :func:`device_key` by default.
@@ -175,29 +187,31 @@ class CostRule:
     def __init__(self, measure_fn: Callable[[torch.device, GemmShape], Measurement] | None = None,
                  path: str | os.PathLike | None | type(...) = ...,
                  key_fn: Callable[[torch.device], str] = device_key) -> None:
-        self.measure_fn = measure_fn or measure
+        self.measure_fn = measure_fn
         self.path = _cache_file() if path is ... else (Path(path) if path is not None else None)
         self.key_fn = key_fn
         self._memory: dict[str, dict[str, Measurement]] = {}
         self._loaded = False
 
-    def decide(self, device: torch.device | str, shape: GemmShape,
-               graphs: bool = False) -> Verdict:
+    def decide(self, device: torch.device | str, shape: GemmShape, graphs: bool = False,
+               micro_steps: int = 1) -> Verdict:
         """The verdict for ``shape`` on ``device`` (measured now if not cached); ``graphs``:
-        the step runs from CUDA graphs, so the GEMMs are compared by device time."""
+        the step runs from CUDA graphs, so the GEMMs are compared by device time;
+        ``micro_steps``: calls per optimizer step (see :func:`judge`)."""
         device = torch.device(device)
         found = self.measurement(device, shape)
-        return judge(shape, found, graphs)
+        return judge(shape, found, graphs, micro_steps)
 
     def measurement(self, device: torch.device, shape: GemmShape) -> Measurement:
         """The cached measurement of ``shape`` on ``device``, measuring it first if needed."""
         self._load()
         table = self._memory.setdefault(self.key_fn(device), {})
-        if shape.key() not in table:
+        known = table.get(shape.key())
+        if known is None or known.call_path not in (None, call_path(device)):
             try:
                 # real tensors, whatever tracing is going on (the pass runs under fake mode)
                 with _disable_current_modes(), torch.no_grad():
-                    found = self.measure_fn(device, shape)
+                    found = (self.measure_fn or _measure)(device, shape)
             except Exception as error:  # noqa: BLE001  (any failure means: stay dense)
                 found = Measurement(failure=f"{type(error).__name__}: {error}")
             table[shape.key()] = found
@@ -253,8 +267,11 @@ class CostRule:
             log.warning("nm cost rule: cannot write %s (%s)", self.path, error)
 
 
-def judge(shape: GemmShape, found: Measurement, graphs: bool = False) -> Verdict:
-    """Apply the rule to one measurement (with ``graphs``, to the CUDA-graph times if known)."""
+def judge(shape: GemmShape, found: Measurement, graphs: bool = False,
+          micro_steps: int = 1) -> Verdict:
+    """Apply the rule to one measurement (with ``graphs``, to the CUDA-graph times if known),
+    for an optimizer step of ``micro_steps`` calls: a weight's compression (forward and
+    grad-input GEMMs) is charged once per step, the grad-weight operand's at every call."""
     if found.failure is not None:
         return Verdict(False, None, f"dense: sparse kernel failed its self-check: {found.failure}")
     floor = torch.finfo(shape.dtype).eps / 4
@@ -266,7 +283,10 @@ def judge(shape: GemmShape, found: Measurement, graphs: bool = False) -> Verdict
     sparse_ms, dense_ms = found.sparse_ms, found.dense_ms
     if graphs and found.sparse_graph_ms is not None and found.dense_graph_ms is not None:
         sparse_ms, dense_ms = found.sparse_graph_ms, found.dense_graph_ms
-    cost = sparse_ms + found.compress_ms
+    compress_ms = found.compress_ms
+    if shape.role != "grad_weight":
+        compress_ms /= micro_steps
+    cost = sparse_ms + compress_ms
     speedup = dense_ms / cost if cost > 0 else math.inf
     if speedup < MIN_SPEEDUP:
         return Verdict(False, speedup,
@@ -274,148 +294,24 @@ def judge(shape: GemmShape, found: Measurement, graphs: bool = False) -> Verdict
     return Verdict(True, speedup, None, found.alg_id)
 
 
-# -- measuring on the device -----------------------------------------------------------------
-
-def timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds per call of ``fn``: rounds of back-to-back calls between two CUDA
-    events after a warm-up, so a call costs the larger of its host and device time, as in a
-    training step whose launches queue ahead of the GPU."""
-
-    def cuda_ms(fn: Callable[[], object], warmup: int = 3, rounds: int = 7,
-                inner: int = 5) -> float:
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(rounds):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-        return statistics.median(times)
-
-    def host_ms(fn: Callable[[], object], warmup: int = 1, rounds: int = 3) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cuda_ms if device.type == "cuda" else host_ms
+def call_path(device: torch.device) -> str:
+    """What runs the sparse calls on ``device`` now: ``plans`` (:mod:`.cusparselt_plans`) or
+    ``torch`` (``torch._cslt_sparse_mm``)."""
+    return "plans" if cusparselt_plans.for_device(device) is not None else "torch"
 
 
-def graph_ms(fn: Callable[[], object], replays: int = 20) -> float:
-    """Median milliseconds per call of ``fn`` replayed from a CUDA graph (device time only)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return statistics.median(times)
+def _measure(device: torch.device, shape: GemmShape) -> Measurement:
+    from .measure import measure
+
+    return measure(device, shape)
 
 
-def _relative_error(out: Tensor, ref: Tensor) -> float:
-    diff = torch.linalg.vector_norm(out.double() - ref)
-    return (diff / torch.linalg.vector_norm(ref).clamp_min(1e-300)).item()
+def __getattr__(name: str) -> Any:
+    if name == "measure":  # the default measure_fn lives in .measure (it uses the rule)
+        from .measure import measure
 
-
-def measure(device: torch.device, shape: GemmShape) -> Measurement:
-    """Check and time the sparse kernel of ``shape`` against the dense GEMM on ``device``.
-
-    Random normal operands (never zeros), the compressed one 2:4 along ``k`` by magnitude;
-    the same call forms as the training graph (:mod:`.cusparselt`). Algorithm 0 is measured,
-    then the one ``torch._cslt_sparse_mm_search`` picks for this shape: that one is kept if it
-    passes the same fp64 check and is faster (on an H200 with cuSPARSELt 0.8.0 the search picks
-    an algorithm 1.2-1.6x faster than cuBLAS where algorithm 0 is slower; see BENCHMARKS.md).
-    """
-    from ..solvers import nm_mask
-
-    m, k, n, dtype = shape.m, shape.k, shape.n, shape.dtype
-    gen = torch.Generator(device).manual_seed(0)
-    a = torch.randn(m, k, generator=gen, device=device, dtype=torch.float32)
-    a = (a * nm_mask(a, 2, 4)).to(dtype)
-    packed = cusparselt.compress(a)
-    if shape.role == "grad_weight":  # a @ b, b [k, n]
-        b = torch.randn(k, n, generator=gen, device=device, dtype=torch.float32).to(dtype)
-        ref = a.double() @ b.double()
-        operand, transposed = cusparselt.dense_operand(b), False
-
-        def sparse(alg: int) -> Tensor:
-            return cusparselt.sparse_mm_packed(packed, b, alg)
-
-        def dense() -> Tensor:
-            return torch.mm(a, b)
-    else:  # (a @ x^T)^T = x @ a^T, x [n, k] (tokens x reduction)
-        x = torch.randn(n, k, generator=gen, device=device, dtype=torch.float32).to(dtype)
-        ref = x.double() @ a.double().t()
-        operand, transposed = x.t(), True
-
-        def sparse(alg: int) -> Tensor:
-            return cusparselt.linear_forward(x, packed, None, m, alg)
-
-        def dense() -> Tensor:
-            return torch.nn.functional.linear(x, a)
-
-    time_ms = timer(device)
-    try:
-        sparse_error = _relative_error(sparse(0), ref)
-    except Exception as error:  # noqa: BLE001
-        return Measurement(failure=f"{type(error).__name__}: {error}")
-    dense_error = _relative_error(dense(), ref)
-    alg0_ms = time_ms(lambda: sparse(0))
-    best, best_ms, best_error = 0, alg0_ms, sparse_error
-    try:
-        found = int(torch._cslt_sparse_mm_search(packed, operand, None, None, None, transposed))
-    except Exception:  # noqa: BLE001  (no search on this library: algorithm 0)
-        found = 0
-    if found:
-        try:
-            error = _relative_error(sparse(found), ref)
-            candidate = judge(shape, Measurement(0.0, 0.0, 1.0, error, dense_error))
-            found_ms = time_ms(lambda: sparse(found)) if candidate.sparse else math.inf
-        except Exception:  # noqa: BLE001  (an algorithm that fails is not used)
-            found_ms = math.inf
-        if found_ms < best_ms:
-            best, best_ms, best_error = found, found_ms, error
-    graphs = {}
-    if device.type == "cuda":
-        try:
-            graphs = {"sparse_graph_ms": graph_ms(lambda: sparse(best)),
-                      "dense_graph_ms": graph_ms(dense)}
-        except Exception as error:  # noqa: BLE001  (no graph times: eager times are used)
-            log.info("nm cost rule: no CUDA-graph timing for %s (%s)", shape.label(), error)
-    return Measurement(
-        sparse_ms=best_ms,
-        compress_ms=time_ms(lambda: cusparselt.compress(a)),
-        dense_ms=time_ms(dense),
-        sparse_error=best_error,
-        dense_error=dense_error,
-        alg_id=best,
-        alg0_ms=alg0_ms,
-        **graphs,
-    )
+        return measure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _DEFAULT: CostRule | None = None

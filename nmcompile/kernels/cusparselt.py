@@ -43,6 +43,23 @@ than cuBLAS at every FFN shape; the algorithm ``torch._cslt_sparse_mm_search`` p
 every shape) was 1.22-1.56x faster with the same error, which is why the cost rule searches
 (:mod:`.cost`). An eager ``_cslt_sparse_mm`` call costs about 0.4 ms of host time (the
 library's descriptors and plan are rebuilt at each call); CUDA graphs remove it.
+
+**Which torch releases cache cuSPARSELt plans themselves** (pytorch/pytorch PR #179642, April
+2026: a per-thread plan cache inside ``_cslt_sparse_mm``, logging ``[cuSPARSELt CACHE MISS]`` /
+``[cuSPARSELt CACHE HIT]``): **none, through torch 2.14.1**. Checked on 2026-12-03 in the Linux
+x86-64 CUDA 13.0 wheels on PyPI (cp312, ``manylinux_2_28``) of torch 2.11.0, 2.12.0, 2.12.1,
+2.13.0, 2.14.0 and 2.14.1 (2.15.0 could not be fetched from here): ``torch/lib/
+libtorch_cuda.so`` of each holds neither log string, but holds torch's own cuSPARSELt messages
+(the control); and in case the strings were dropped before landing, its machine code calls
+``cusparseLtMatmulPlanInit``, ``cusparseLtMatmulPlanDestroy``, ``cusparseLtMatmul`` and
+``cusparseLtMatmulSearch`` from one call site each and ``cusparseLtMatDescriptorDestroy`` from
+three: one function that builds, runs and destroys a plan at every call, as before the PR (whose
+code adds a second ``PlanInit`` site and destroys four cached descriptors on eviction).
+``scripts/torch_plan_cache.py WHEEL...`` repeats the check. The wheels pin
+``nvidia-cusparselt-cu13`` 0.8.0 (torch 2.11.0) and 0.8.1 (2.12.0 on). So every torch version
+gets nmcompile's own plan cache: the calls below go through :mod:`.cusparselt_plans` (the same
+library, descriptors and plan built once per shape and reused; about 0.4 ms less host time per
+call) wherever it serves, else through ``torch._cslt_sparse_mm``.
 """
 
 from __future__ import annotations
@@ -51,6 +68,9 @@ import os
 
 import torch
 from torch import Tensor
+
+from . import cusparselt_plans
+from .cusparselt_plans import PlanKey
 
 __all__ = [
     "DENSE_ALIGN",
@@ -63,6 +83,8 @@ __all__ = [
     "implies_2_4",
     "linear_forward",
     "linear_grad_input",
+    "plan_keys",
+    "plans_note",
     "runtime_version",
     "sparse_mm",
     "sparse_mm_packed",
@@ -76,6 +98,8 @@ SPARSE_DTYPES = (torch.bfloat16, torch.float16)
 SPARSE_ALIGN = 16
 #: Dense operand: both dims multiples of this many elements (16 bytes of a 16-bit type).
 DENSE_ALIGN = 8
+#: Every operand starts on a boundary of this many bytes (the alignment the library is told).
+ALIGN_BYTES = 16
 #: For tests only: ``1`` lets CPU tensors take the sparse-kernel path, through whatever
 #: ``torch._cslt_compress`` / ``torch._cslt_sparse_mm`` are at that moment (a model of them),
 #: with weights compressed in the sm90 layout by nmcompile's pure-torch encoder
@@ -150,10 +174,24 @@ def compress(a: Tensor) -> Tensor:
 
 def dense_operand(b: Tensor) -> Tensor:
     """``b`` in a layout ``_cslt_sparse_mm`` reads correctly: as is when it is contiguous or the
-    transpose of a contiguous matrix, else a contiguous copy."""
-    if b.is_contiguous() or b.t().is_contiguous():
+    transpose of a contiguous matrix (and starts on a 16-byte boundary, the alignment the
+    library is told), else a contiguous copy."""
+    if (b.is_contiguous() or b.t().is_contiguous()) and not b.data_ptr() % ALIGN_BYTES:
         return b
-    return b.contiguous()
+    return b.contiguous() if not b.is_contiguous() else b.clone()
+
+
+def _matmul(packed: Tensor, b: Tensor, bias: Tensor | None, transpose_result: bool,
+            alg_id: int) -> Tensor:
+    """``torch._cslt_sparse_mm(packed, b, bias, transpose_result=..., alg_id=...)``, from a
+    cached plan where :mod:`.cusparselt_plans` serves the call."""
+    plans = cusparselt_plans.for_device(b.device)
+    if plans is not None:
+        out = plans.matmul(packed, b, bias, transpose_result, alg_id)
+        if out is not None:
+            return out
+    return torch._cslt_sparse_mm(packed, b, bias, transpose_result=transpose_result,
+                                 alg_id=alg_id)
 
 
 def _pad_rows(x: Tensor, multiple: int) -> Tensor:
@@ -169,10 +207,9 @@ def _transposed_product(packed: Tensor, x: Tensor, bias: Tensor | None,
     x2 = x.reshape(-1, x.shape[-1])
     tokens = x2.shape[0]
     padded = _pad_rows(x2, DENSE_ALIGN)
-    if bias is not None:
-        bias = bias.contiguous()  # the library takes a bare pointer
-    out = torch._cslt_sparse_mm(packed, dense_operand(padded.t()), bias, transpose_result=True,
-                                alg_id=alg_id)
+    if bias is not None:  # the library takes a bare, 16-byte aligned pointer
+        bias = bias.contiguous() if bias.data_ptr() % ALIGN_BYTES == 0 else bias.clone()
+    out = _matmul(packed, dense_operand(padded.t()), bias, True, alg_id)
     if out.shape[0] != tokens:
         out = out[:tokens]  # a prefix of rows of a contiguous tensor: still contiguous
     return out.view(*x.shape[:-1], features)
@@ -204,7 +241,7 @@ def sparse_mm(a: Tensor, b: Tensor, alg_id: int = 0) -> Tensor:
 
 def sparse_mm_packed(packed: Tensor, b: Tensor, alg_id: int = 0) -> Tensor:
     """``A @ b`` from ``packed = compress(A)``."""
-    return torch._cslt_sparse_mm(packed, dense_operand(b), alg_id=alg_id)
+    return _matmul(packed, dense_operand(b), None, False, alg_id)
 
 
 def sparse_mm_reason(m: int, k: int, n: int, dtype: torch.dtype) -> str | None:
@@ -213,3 +250,33 @@ def sparse_mm_reason(m: int, k: int, n: int, dtype: torch.dtype) -> str | None:
     if reason is None and n % DENSE_ALIGN:
         reason = f"dense operand {k}x{n}: cuSPARSELt needs multiples of {DENSE_ALIGN}"
     return reason
+
+
+def plan_keys(role: str, m: int, k: int, n: int, dtype: torch.dtype,
+              alg_id: int = 0) -> list[PlanKey]:
+    """The cached-plan keys the calls of one GEMM use (:class:`.cusparselt_plans.PlanKey`), as
+    the functions above make them from contiguous activations: ``role`` ``forward`` (with and
+    without a bias) or ``grad_input`` (``[m, k]`` compressed weight times the transposed,
+    padded ``[n, k]`` activation, transposed result), ``grad_weight`` (``a [m, k] @ b [k, n]``).
+    """
+    if role == "grad_weight":
+        return [PlanKey(m, k, n, dtype, False, False, False, alg_id)]
+    n += -n % DENSE_ALIGN
+    biases = (False, True) if role == "forward" else (False,)
+    return [PlanKey(m, k, n, dtype, True, True, bias, alg_id) for bias in biases]
+
+
+def plans_note(device: torch.device | str, role: str, m: int, k: int, n: int,
+               dtype: torch.dtype, alg_id: int = 0) -> str | None:
+    """Why the calls of one GEMM (:func:`plan_keys`) go through ``torch._cslt_sparse_mm``'s
+    per-call plans rather than cached plans, checking the keys now if they are new; ``None``
+    when cached plans serve them, or on CPU without a test library (the model's calls)."""
+    device = torch.device(device)
+    plans = cusparselt_plans.for_device(device)
+    if plans is None:
+        return None if device.type == "cpu" else cusparselt_plans.status(device)
+    for key in plan_keys(role, m, k, n, dtype, alg_id):
+        reason = plans.check(key)
+        if reason is not None:
+            return f"cached plan failed its self-check at {key.label()}: {reason}"
+    return None

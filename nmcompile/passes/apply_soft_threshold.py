@@ -2,9 +2,10 @@
 
 With ``prune="sste"`` the model the sparse GEMMs compute is the one whose weight is
 ``beta * S(W)`` (:func:`nmcompile.masking.sparse_weight`: S-STE's continuous soft threshold on
-the weight's mask, times its fixed per-tensor scale) instead of ``W * mask``. Runs after
-:mod:`nmcompile.passes.rewrite_matmuls` has given each masked weight its mask and made every
-read of it a sparse op or a masked copy: each of those reads is pointed at one new node
+the weight's mask, times its fixed per-tensor scale) instead of ``W * mask``. Runs after the
+layer rewrites (:mod:`.rewrite_matmuls`, :mod:`.rewrite_convolutions`) and
+:mod:`.mask_every_read` have given each masked weight its mask and made every read of it a
+sparse op (GEMM or convolution) or a masked copy: each of those reads is pointed at one new node
 holding ``beta * S(W)``, which is zero outside the mask, so ``where(mask, ., 0)`` inside them
 keeps it unchanged. Invariants after the pass:
 
@@ -67,7 +68,7 @@ def apply_soft_threshold(edit: GraphEditor, masks: Mapping[fx.Node, tuple[MaskSp
     changed = 0
     for param, (spec, mask) in masks.items():
         scale = scales.get(param)
-        if scale is None:  # the backend gives every 2-D weight a scale input under "sste"
+        if scale is None:  # the backend gives every weight of 2+ dims a scale input (sste)
             raise RuntimeError(f"nm: prune='sste' but masked weight {param.name} has no scale "
                                "input; it would train with W*mask")
         with graph.inserting_before(_insertion_point(graph, [mask, scale])):

@@ -12,17 +12,24 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from ..solvers.bimask import bimask_shape_reason
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 __all__ = [
     "MATMULS",
+    "Convolution",
     "Matmul",
     "ParamOperand",
+    "as_convolution",
     "as_matmul",
+    "bimask_reason",
+    "check_conv_weight",
     "check_weight",
     "describe_path",
     "find_param",
+    "find_weight",
     "is_view",
     "reaches_param",
 ]
@@ -70,6 +77,66 @@ def as_matmul(node: fx.Node) -> Matmul | None:
         return Matmul(node, node.args[0], node.args[1], None, batched, False)
     scaled = node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1
     return Matmul(node, node.args[1], node.args[2], node.args[0], batched, scaled)
+
+
+@dataclass(frozen=True)
+class Convolution:
+    """A forward ``aten.convolution`` node's arguments (``weight`` ``[out, in/groups, *kernel]``
+    as the node reads it: the parameter, or a cast of it)."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    transposed: bool
+    groups: int
+
+
+def as_convolution(node: fx.Node) -> Convolution | None:
+    """View ``node`` as a :class:`Convolution`, or ``None`` if it is no ``aten.convolution``."""
+    if node.op != "call_function" or node.target != aten.convolution.default:
+        return None
+    x, weight, bias, stride, padding, dilation, transposed, _, groups = node.args
+    return Convolution(node, x, weight, bias, list(stride), list(padding), list(dilation),
+                       bool(transposed), groups)
+
+
+def find_weight(operand: fx.Node, params: dict[fx.Node, str]) -> fx.Node | None:
+    """The parameter ``operand`` is, through dtype casts only (any rank), or ``None``."""
+    node = operand
+    while node not in params:
+        if node.op != "call_function" or not _is_cast(node):
+            return None
+        node = node.args[0]
+    return node
+
+
+def check_conv_weight(val: torch.Tensor, n: int, m: int, policy: str, groups: int,
+                      min_numel: int) -> str | None:
+    """Reason the convolution kernel ``val`` (``[out, in/groups, *kernel]``) cannot be masked
+    N:M along its input channels at each kernel position, or ``None`` if it can.
+
+    Row-wise groups run along the ``in/groups`` input channels of one kernel position, so
+    those must be a multiple of ``m`` (depthwise kernels, with 1, never are); a transposable
+    mask's tiles also span ``m`` output channels of one group.
+    """
+    if not val.dtype.is_floating_point:
+        return f"weight dtype {val.dtype} is not floating point"
+    if val.numel() < min_numel:
+        return f"weight has {val.numel()} elements < min_numel={min_numel}"
+    shape, per_group_in = tuple(val.shape), val.shape[1]
+    if per_group_in % m:
+        kind = " (a depthwise convolution)" if per_group_in == 1 and groups > 1 else ""
+        return (f"weight shape {shape}, groups={groups}: {per_group_in} input channels per "
+                f"group{kind}, not a multiple of m={m}")
+    per_group_out = val.shape[0] // groups
+    if policy == "transposable" and per_group_out % m:
+        return (f"weight shape {shape}, groups={groups}: {per_group_out} output channels per "
+                f"group, not a multiple of m={m} (transposable mask)")
+    return None
 
 
 def _is_transpose(node: fx.Node) -> bool:
@@ -225,4 +292,24 @@ def check_weight(val: torch.Tensor, n: int, m: int, policy: str, reduction_dim: 
         which = "both dims" if policy == "transposable" else f"dim {reduction_dim}"
         shape = tuple(val.shape)
         return f"weight shape {shape}: {which} must be multiples of m={m} ({policy} mask)"
+    return None
+
+
+def bimask_reason(shape: torch.Size | tuple[int, ...], m: int, reduction_dim: int = 1,
+                  groups: int = 1) -> str | None:
+    """Why a Bi-Mask backward mask cannot serve the grad-input GEMM of a weight of ``shape``
+    (``[out, in]``, or a kernel ``[out, in/groups, *kernel]``) whose forward reduces dim
+    ``reduction_dim``, or ``None`` if it can: the mask is N:M along the out dim after a
+    permutation of whole rows, so the weight must be laid out ``[out, in]`` with ``out`` a
+    multiple of ``m``, and a permutation must not mix the groups of a grouped convolution.
+    (:class:`nmcompile.state.MaskBank` solves masks only for weights :func:`bimask_shape_reason`
+    accepts.)"""
+    if reduction_dim != 1:
+        return "Bi-Mask masks [out, in] weights; this GEMM reads the weight as [in, out]"
+    reason = bimask_shape_reason(shape, m)
+    if reason is not None:
+        return reason
+    if groups != 1:
+        return ("Bi-Mask's output-channel permutation would mix the groups of a grouped "
+                "convolution")
     return None

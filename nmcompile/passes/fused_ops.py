@@ -141,6 +141,9 @@ FUSED_LINEAR_OPS: dict[Any, Callable[..., Any]] = {
 def decomposition_table() -> dict[Any, Callable[..., Any]]:
     """Inductor's decompositions plus :data:`FUSED_LINEAR_OPS`: what the ``nm`` backend traces
     its graphs with (both with and without Inductor)."""
+    # some decompositions ask Inductor's lowerings what it falls back on (max_pool2d's): loaded
+    # with Inductor, not by itself when the graphs run op by op (inductor=False)
+    import torch._inductor.lowering  # noqa: F401
     from torch._inductor.decomposition import select_decomp_table
 
     return {**select_decomp_table(), **FUSED_LINEAR_OPS}

@@ -5,6 +5,7 @@ No torch.fx in here: the backend traces the in-graph solvers (:func:`nm_mask`,
 The exact pattern search runs on CPU as a C kernel built on first use (:mod:`.native`).
 """
 
+from ._shapes import as_matrix, from_matrix
 from .bimask import BiMask, bimask
 from .diversity import mask_diversity
 from .fst import fst_keep, fst_prune, gradient_shift
@@ -23,8 +24,10 @@ from .transposable import transposable_mask
 
 __all__ = [
     "BiMask",
+    "as_matrix",
     "bimask",
     "fst_keep",
+    "from_matrix",
     "fst_prune",
     "gradient_shift",
     "mask_diversity",

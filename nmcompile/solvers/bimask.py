@@ -24,16 +24,17 @@ result never keeps less than ``random`` with the same ``candidates`` and ``gener
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 from ortools.graph.python import linear_sum_assignment
 
-from ._shapes import as_matrix, check_ratio, ranking_magnitude
+from ._shapes import as_matrix, check_ratio, from_matrix, ranking_magnitude
 from .nm import nm_mask
 
-__all__ = ["BiMask", "bimask"]
+__all__ = ["BiMask", "bimask", "bimask_shape_reason"]
 
 #: Groups exchanging rows in one assignment move (cost matrix ``MOVE_GROUPS**2 x in``).
 MOVE_GROUPS = 64
@@ -49,6 +50,14 @@ class BiMask(NamedTuple):
 
     mask: torch.Tensor
     perm: torch.Tensor
+
+
+def bimask_shape_reason(shape: Sequence[int], m: int) -> str | None:
+    """Why :func:`bimask` cannot take a weight of ``shape`` (its out dim 0 is no multiple of
+    ``m``: the backward mask groups whole rows ``m`` at a time), or ``None`` if it can."""
+    if shape[0] % m:
+        return f"Bi-Mask needs out-channels that are a multiple of m={m}, got {shape[0]}"
+    return None
 
 
 def bimask(
@@ -77,8 +86,7 @@ def bimask(
     if method not in ("random", "optimized"):
         raise ValueError(f"unknown method {method!r}; expected 'random' or 'optimized'")
     w2d = as_matrix(w).detach()
-    out = w2d.shape[0]
-    if out % m:
+    if bimask_shape_reason(w.shape, m) is not None:
         raise ValueError(f"shape {tuple(w.shape)}: dim 0 must be a multiple of m={m}")
     if forward_mask is None:
         fwd = nm_mask(w2d, n, m)
@@ -92,7 +100,7 @@ def bimask(
     if method == "optimized":
         perm = _local_search(value, n, m, perm, sweeps)
     backward = _backward_mask(value, n, m, perm).to(w.device)
-    return BiMask((fwd & backward).reshape(w.shape), perm.to(w.device))
+    return BiMask(from_matrix(fwd & backward, w.shape), perm.to(w.device))
 
 
 def _kept_value(value: torch.Tensor, n: int, m: int, perm: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._shapes import as_matrix, check_ratio, check_tiles, ranking_magnitude
+from ._shapes import as_matrix, check_ratio, check_tiles, from_matrix, ranking_magnitude
 
 __all__ = ["transposable_mask_greedy"]
 
@@ -32,7 +32,7 @@ def transposable_mask_greedy(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """
     check_ratio(n, m)
     w2d = as_matrix(w)
-    check_tiles(w2d, m)
+    check_tiles(w, m)
     rows, cols = w2d.shape
     dev = w.device
     cells, n_tiles = m * m, (rows // m) * (cols // m)
@@ -80,4 +80,4 @@ def transposable_mask_greedy(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
     # Back from visiting order to cell order: one scatter with the sort's indices.
     keep = torch.zeros(n_tiles, cells, dtype=torch.bool, device=dev).scatter_(1, ranked, kept.t())
     mask = keep.reshape(rows // m, cols // m, m, m).permute(0, 2, 1, 3)
-    return mask.reshape(w.shape)
+    return from_matrix(mask, w.shape)

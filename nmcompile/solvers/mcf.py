@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from ortools.graph.python import min_cost_flow
 
-from ._shapes import as_matrix, check_ratio, check_tiles
+from ._shapes import as_matrix, check_ratio, check_tiles, from_matrix
 
 __all__ = ["COST_LEVELS", "TILES_PER_SOLVE", "magnitude_costs", "transposable_mask_mcf"]
 
@@ -126,7 +126,7 @@ def transposable_mask_mcf(
     """
     check_ratio(n, m)
     w2d = as_matrix(w)
-    check_tiles(w2d, m)
+    check_tiles(w, m)
     rows, cols = w2d.shape
     top = _largest_finite(w2d)
     block_rows = m * max(1, TILES_PER_SOLVE // (cols // m))
@@ -134,7 +134,7 @@ def transposable_mask_mcf(
     for start in range(0, rows, block_rows):
         block = w2d[start:start + block_rows]
         kept[start:start + block.shape[0]] = _solve_block(block, n, m, exact_n, top)
-    return torch.from_numpy(kept).to(w.device).reshape(w.shape)
+    return from_matrix(torch.from_numpy(kept).to(w.device), w.shape)
 
 
 def _solve_block(block: torch.Tensor, n: int, m: int, exact_n: bool, top: float) -> np.ndarray:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import native
-from ._shapes import as_matrix, check_ratio, check_tiles, ranking_magnitude
+from ._shapes import as_matrix, check_ratio, check_tiles, from_matrix, ranking_magnitude
 
 __all__ = [
     "MAX_PATTERN_M",
@@ -303,7 +303,7 @@ def transposable_masks_scored(
     tiles = torch.cat([s.to(score_dtype) for s in scores])
     codes = _codes(table)[_best_patterns(tiles, table, score_dtype)]
     counts = [w2d.numel() // (m * m) for w2d in mats]
-    return [_untile(part, w2d.shape, m).reshape(w.shape)
+    return [from_matrix(_untile(part, w2d.shape, m), w.shape)
             for part, w2d, w in zip(codes.split(counts), mats, weights, strict=True)]
 
 
@@ -313,7 +313,7 @@ def _checked(w: torch.Tensor, n: int, m: int, exact_n: bool) -> torch.Tensor:
     if m > MAX_PATTERN_M:
         tile_patterns(n, m, exact_n)  # raises, naming the supported m
     w2d = as_matrix(w)
-    check_tiles(w2d, m)
+    check_tiles(w, m)
     return w2d
 
 
@@ -427,7 +427,7 @@ def transposable_mask_patterns(
     (:func:`nmcompile.solvers.native.status`); others to the pure-torch path. Traceable: it
     is the custom op ``nm::transposable_mask_patterns``.
     """
-    return _pattern_mask(as_matrix(w).detach(), n, m, exact_n).reshape(w.shape)
+    return from_matrix(_pattern_mask(as_matrix(w).detach(), n, m, exact_n), w.shape)
 
 
 #: Dtypes the C kernel takes (converted to float32 without rounding).

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from ._shapes import as_matrix, check_ratio, check_tiles
+from ._shapes import check_ratio, check_tiles
 from .greedy import transposable_mask_greedy
 from .mcf import transposable_mask_mcf
 from .patterns import MAX_PATTERN_M, transposable_mask_patterns
@@ -47,7 +47,7 @@ def transposable_mask(
     are not multiples of ``m`` raise ``ValueError``.
     """
     check_ratio(n, m)
-    check_tiles(as_matrix(w), m)
+    check_tiles(w, m)
     if method == "auto":
         method = "patterns" if m <= MAX_PATTERN_M else "mcf"
     if method == "patterns":

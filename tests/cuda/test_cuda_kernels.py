@@ -268,3 +268,27 @@ def test_triton_mvue_grad_weight_matches_its_draw():
     assert ((pruned != 0).reshape(256, -1, 4).sum(-1) <= 2).all()
     ref = pruned.double() @ x.double()
     assert _rel(out, ref) <= 4 * max(_dense_error(pruned, x, ref), 1e-3)
+def test_pointwise_convolutions_run_cusparselt_and_convs_report_dense_serving(tmp_path):
+    """A 1x1 convolution trains on cuSPARSELt like a linear layer (same numbers as the
+    emulation); a 3x3 one runs masked dense on cuDNN; ``to_semi_structured`` converts the head
+    and says why the kernels stay dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 1),
+                          nn.Flatten(), nn.Linear(128 * 16, 128)).cuda().bfloat16()
+    ref = copy.deepcopy(model)
+    x = torch.randn(16, 64, 4, 4, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for net, kernels in ((model, "sparse"), (ref, "emulate")):
+        options = {"kernels": kernels, "dump_dir": str(tmp_path / kernels)}
+        out = torch.compile(net, backend="nm", options=options)(x)
+        out.float().square().mean().backward()
+        outs.append(out)
+    assert _rel(outs[0], outs[1].double()) < 1e-2
+    rows = nmcompile.read_summary(tmp_path / "sparse")["matmuls"]
+    kernels = {(r["param"], r["role"]): r["kernel"] for r in rows}
+    assert kernels[("2.weight", "forward")] == "cuSPARSELt"
+    assert kernels[("2.weight", "grad_input")] == "cuSPARSELt"
+    assert kernels[("0.weight", "forward")] == "dense: no sparse convolution kernel (masked dense)"
+    report = nmcompile.to_semi_structured(model)
+    assert report["4.weight"] == "converted"
+    assert report["0.weight"].startswith("left dense: Conv2d.weight: torch has no 2:4")

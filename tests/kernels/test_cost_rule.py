@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import nmcompile
-from nmcompile.kernels import cost
+from nmcompile.kernels import cost, cusparselt_plans
+from nmcompile.kernels import measure as measure_mod
+from tests.cslt_library_fake import FakeCusparseLt
 
 CPU = torch.device("cpu")
 
@@ -166,7 +168,7 @@ def _fake_timer(cslt, fast_alg: int):
 @pytest.mark.parametrize("role", ["forward", "grad_input", "grad_weight"])
 def test_measure_keeps_a_searched_algorithm_only_if_right_and_faster(cslt, monkeypatch, role):
     cslt.search_result = 5
-    monkeypatch.setattr(cost, "timer", _fake_timer(cslt, fast_alg=5))
+    monkeypatch.setattr(measure_mod, "timer", _fake_timer(cslt, fast_alg=5))
     shape = cost.GemmShape(role, 32, 64, 48, torch.bfloat16)
     found = cost.measure(CPU, shape)
     assert found.alg_id == 5 and found.sparse_ms == 0.5 and found.alg0_ms == 2.0
@@ -232,3 +234,70 @@ def test_reduce_overhead_mode_asks_the_cost_rule_for_graph_times(cslt, tmp_path,
     rows = [r for r in nmcompile.read_summary(dump)["matmuls"] if r["kernel"]]
     assert rows and all(r["kernel"] == "cuSPARSELt (1.82x)" for r in rows), rows
     assert nmcompile.read_summary(dump)["config"]["mode"] == "reduce-overhead"
+
+
+def test_weight_compression_is_charged_once_per_optimizer_step():
+    """4 micro-steps share one compression of the weight (forward, grad-input); the grad-weight
+    GEMM's operand, a pruned output gradient, is compressed at every call."""
+    found = cost.Measurement(sparse_ms=0.8, compress_ms=0.4, dense_ms=1.0, sparse_error=2e-3,
+                             dense_error=2e-3)
+    for role in ("forward", "grad_input"):
+        assert not cost.judge(_shape(role), found).sparse  # 1.0 / (0.8 + 0.4)
+        four = cost.judge(_shape(role), found, micro_steps=4)  # 1.0 / (0.8 + 0.1)
+        assert four.sparse and four.speedup == pytest.approx(1 / 0.9)
+    assert not cost.judge(_shape("grad_weight"), found, micro_steps=4).sparse
+    graphs = cost.Measurement(1.5, 0.4, 1.0, 2e-3, 2e-3, sparse_graph_ms=0.6,
+                              dense_graph_ms=1.0)
+    assert cost.judge(_shape(), graphs, graphs=True, micro_steps=2).speedup == pytest.approx(
+        1 / 0.8)
+
+
+def test_micro_steps_option_reaches_the_rule(cslt, tmp_path):
+    def table(device, shape):
+        return cost.Measurement(sparse_ms=0.8, compress_ms=0.4, dense_ms=1.0,
+                                sparse_error=2e-3, dense_error=2e-3)
+
+    labels = {}
+    for micro in (1, 4):
+        dump = tmp_path / f"dump{micro}"
+        with cost.using(cost.CostRule(table, path=None)):
+            compiled = torch.compile(Mlp().bfloat16(), backend="nm", options={
+                "inductor": False, "min_numel": 0, "dump_dir": str(dump), "micro_steps": micro})
+            compiled(torch.randn(32, 64, dtype=torch.bfloat16)).float().sum().backward()
+        labels[micro] = {r["kernel"] for r in nmcompile.read_summary(dump)["matmuls"]
+                         if r["role"] == "forward"}
+    assert labels == {1: {"dense: cost rule (sparse 0.83x at 256x64x32 bf16)",
+                          "dense: cost rule (sparse 0.83x at 64x256x32 bf16)"},
+                      4: {"cuSPARSELt (1.11x)"}}
+
+
+def test_measure_records_the_call_path_and_its_host_time(cslt):
+    shape = cost.GemmShape("forward", 32, 64, 48, torch.bfloat16)
+    found = cost.measure(CPU, shape)
+    assert found.call_path == "torch" and found.host_ms > 0
+    lib = FakeCusparseLt(cslt)
+    with cusparselt_plans.using(lib):
+        found = cost.measure(CPU, shape)
+    assert found.call_path == "plans" and found.host_ms > 0 and found.failure is None
+    assert lib.calls["cusparseLtMatmul"] > 0 and not lib.errors
+
+
+def test_a_measurement_of_another_call_path_is_taken_again(cslt, tmp_path):
+    calls = []
+
+    def table(device, shape):
+        calls.append(shape)
+        return cost.Measurement(sparse_ms=0.5, compress_ms=0.1, dense_ms=1.0, sparse_error=2e-3,
+                                dense_error=2e-3, call_path=cost.call_path(device))
+
+    rule = cost.CostRule(table, path=tmp_path / "c.json")
+    rule.decide(CPU, _shape())
+    rule.decide(CPU, _shape())
+    assert len(calls) == 1  # timed through torch._cslt_sparse_mm, which still serves
+    with cusparselt_plans.using(FakeCusparseLt(cslt)):
+        rule.decide(CPU, _shape())
+        rule.decide(CPU, _shape())
+    assert len(calls) == 2  # cached plans serve now: timed again, once
+    saved = json.loads((tmp_path / "c.json").read_text())
+    (entry,) = next(iter(saved["devices"].values())).values()
+    assert entry["call_path"] == "plans"

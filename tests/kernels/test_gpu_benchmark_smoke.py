@@ -21,8 +21,17 @@ def test_gpu_benchmark_smoke(cslt, tmp_path):
     spec.loader.exec_module(bench)
     assert bench.main(["--smoke", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu.json").read_text())
-    for key in ("device", "torch", "cusparselt", "command", "ffn_speedup", "step_speedup"):
+    for key in ("device", "torch", "cusparselt", "date", "command", "ffn_speedup",
+                "ffn_speedup_graphs", "step_speedup", "host_us_per_sparse_gemm"):
         assert result.get(key) is not None, key
+    # present, empty here: GPU-only figures (no peak memory, no CUDA profile on CPU), and the
+    # step under reduce-overhead, which the smoke run leaves out to stay short
+    for key in ("peak_mem_ratio", "step_weight_work_ms", "layout_verified",
+                "step_speedup_graphs"):
+        assert key in result, key
+    assert {r["config"] for r in result["ffn"]} == set(bench.SMOKE["ffn"])
+    assert all("error" not in r for r in result["ffn"] + result["step"])
+    assert result["host_us"] and all(r["torch_us"] > 0 for r in result["host_us"])
     assert {r["role"] for r in result["gemms"]} == {"forward", "grad_input", "grad_weight"}
     # the model computes the masked product: its error is the dense GEMM's, order of bf16
     assert all(r["failure"] is None and r["sparse_error"] < 1e-2 for r in result["gemms"])

@@ -413,3 +413,22 @@ def test_fst_pads_tokens_to_groups_of_m(tmp_path):
         "nm.sparse_mm (X fst 2:4 + gradient shift; 6 tokens zero-padded to a multiple of 4)")
     torch.testing.assert_close(layer.weight.grad, _fst_reference_dw(torch.ones(6, 8), x))
     assert not torch.allclose(layer.weight.grad, torch.ones(6, 8).t() @ x)
+
+
+def test_bimask_leaves_out_features_not_multiple_of_m_to_the_exact_gradient(tmp_path):
+    """Bi-Mask's backward mask groups whole rows m at a time: a [10, 16] weight gets the exact
+    masked gradient (with the reason) beside a [16, 16] one that gets its backward mask."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 10))
+    x, y, cot, masks, summary = _step(model, torch.randn(4, 16), tmp_path, grad_input="bimask")
+    assert sorted(masks) == ["0.weight", "2.weight"]
+    rows = {r["param"]: r for r in _rows(summary, "grad_input")}
+    assert rows["0.weight"]["sparse"] and rows["0.weight"]["became"].endswith("(bimask)")
+    assert not rows["2.weight"]["sparse"]
+    assert rows["2.weight"]["reason"] == ("Bi-Mask needs out-channels that are a multiple of "
+                                          "m=4, got 10: exact masked gradient on a dense GEMM")
+    # the head's grad-input is exact, so every weight gradient is the reference's (layer 0's
+    # grad-input, which reads its Bi-Mask backward mask, only reaches x.grad)
+    ref = masked_reference(model, masks)
+    (ref(x.detach().double()) * cot.double()).sum().backward()
+    assert_grads_match(model, ref)

@@ -97,3 +97,55 @@ def test_pruned_non_finite_entries_leave_a_finite_threshold():
 def test_bad_shapes_raise(args):
     with pytest.raises(ValueError, match="soft_threshold|groups of m=4"):
         soft_threshold(*args)
+
+
+def _brute(w: torch.Tensor, mask: torch.Tensor, m: int, transposable: bool) -> torch.Tensor:
+    """S-STE's soft threshold entry by entry: a kept entry shrunk by the largest magnitude the
+    mask prunes in its row group of ``m`` (and, transposable, in its column group)."""
+    out = torch.zeros_like(w)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            if not mask[i, j]:
+                continue
+            groups = [[(i, c) for c in range(j // m * m, j // m * m + m)]]
+            if transposable:
+                groups.append([(r, j) for r in range(i // m * m, i // m * m + m)])
+            t = max([abs(float(w[e])) for g in groups for e in g if not mask[e]], default=0.0)
+            out[i, j] = float(w[i, j].sign()) * max(abs(float(w[i, j])) - t, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("n,m,transposable", [(2, 4, False), (1, 4, False), (2, 8, False),
+                                              (2, 4, True), (1, 4, True)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_brute_force(n, m, transposable, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m * 2, m * 3, generator=g, dtype=torch.float64)
+    w[0, :m] = 0.5  # ties inside a group
+    mask = transposable_mask_scored(w, n, m) if transposable else nm_mask(w, n, m)
+    soft = soft_threshold(w, mask, m, transposable)
+    torch.testing.assert_close(soft, _brute(w, mask, m, transposable), rtol=0, atol=0)
+    # the negative control: the row-only threshold is not the transposable one
+    if transposable:
+        assert not torch.equal(soft_threshold(w, mask, m, False), soft)
+
+
+@pytest.mark.parametrize("policy", ["rowwise", "transposable"])
+def test_sparse_weight_of_a_convolution_kernel_matches_brute_force(policy):
+    """A kernel ``[out, in, kh, kw]``: the groups are ``m`` input channels (and, transposable,
+    ``m`` output channels) at one kernel position, as its mask's."""
+    from nmcompile.masking import compute_mask
+
+    w = torch.randn(8, 4, 3, 2, dtype=torch.float64)
+    spec = MaskSpec(2, 4, policy)
+    mask = compute_mask(w, spec)
+    got = sparse_weight(w, mask, spec, torch.full((), 1.5))
+    want = torch.zeros_like(w)
+    for a in range(3):
+        for b in range(2):
+            want[:, :, a, b] = 1.5 * _brute(w[:, :, a, b], mask[:, :, a, b], 4,
+                                            policy == "transposable")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the control: flattening the kernel by rows groups across kernel positions instead
+    flat = soft_threshold(w.reshape(8, -1), mask.reshape(8, -1), 4).reshape(w.shape)
+    assert not torch.equal(1.5 * flat, want)

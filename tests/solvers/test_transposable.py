@@ -12,13 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from nmcompile.solvers import mcf as mcf_module
 from nmcompile.solvers import (
+    as_matrix,
+    from_matrix,
     transposable_mask,
     transposable_mask_greedy,
     transposable_mask_mcf,
     transposable_mask_patterns,
 )
+from nmcompile.solvers import mcf as mcf_module
 from nmcompile.solvers.mcf import COST_LEVELS, magnitude_costs
 
 EXACT = ("mcf", "patterns")
@@ -172,11 +174,20 @@ def test_greedy_rejects_exact_n_and_unknown_methods():
 
 
 @pytest.mark.parametrize("method", ["mcf", "patterns", "greedy"])
-def test_conv_weights_are_flattened_to_out_by_rest(method):
-    w = torch.randn(8, 2, 2, 2, generator=torch.Generator().manual_seed(1))
+def test_conv_weights_are_masked_per_kernel_position(method):
+    """A kernel ``[out, in, kh, kw]``: each ``[out, in]`` slice at a fixed ``(i, j)`` is the
+    matrix whose tiles the mask is transposable in (NVIDIA ASP's layout), not ``[out, in*kh*kw]``
+    in memory order, whose groups would run along ``kw``."""
+    w = torch.randn(8, 4, 3, 2, generator=torch.Generator().manual_seed(1))
     mask = transposable_mask(w, 2, 4, method)
     assert mask.shape == w.shape
-    assert torch.equal(mask.reshape(8, 8), transposable_mask(w.reshape(8, 8), 2, 4, method))
+    for i in range(3):
+        for j in range(2):
+            assert torch.equal(mask[:, :, i, j], transposable_mask(w[:, :, i, j], 2, 4, method))
+    assert torch.equal(as_matrix(mask), transposable_mask(as_matrix(w), 2, 4, method))
+    assert torch.equal(from_matrix(as_matrix(w), w.shape), w)
+    with pytest.raises(ValueError, match="in-channels.*m=4"):  # 6 x 2 x 2 columns: 24, yet the
+        transposable_mask(torch.randn(8, 6, 2, 2), 2, 4, method)  # tiles would straddle (i, j)
 
 
 def test_auto_picks_patterns_for_small_m_and_mcf_otherwise():
