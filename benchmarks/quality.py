@@ -46,7 +46,7 @@ from nmcompile.demo.train import Phase, train_recipe
 
 SEEDS = (1, 2, 3)
 DECAYS = (1e-4, 3e-4, 1e-3)
-TAILS = (0.15, 0.3)
+TAILS = (0.15, 0.3, 0.5)
 INTERVALS = (1, 10)
 MVUE = (True, False)
 SIZES = (128,)
@@ -132,10 +132,12 @@ def _recipes(part: str) -> list[dict[str, Any]]:
         out += [{**base, "interval": i} for i in INTERVALS[1:]]
         out += [{**base, "mvue": v} for v in MVUE[1:]]
     if part == "sste":  # S-STE (no masked decay, as the paper) in both forms, beside SR-STE
-        tail = DemoConfig().tail_fraction  # in the row-wise form of the paper
+        tail = DemoConfig().tail_fraction  # (the default's transposable form: baseline) in
+        # the row-wise form of the paper, all with the default's dense tail
         out += [{**base, "decay": 0.0, "tail": tail, "prune": "sste", "forward": f}
                 for f in ("transposable", "rowwise")]
-        out.append({**base, "decay": DECAYS[0], "tail": tail, "forward": "rowwise"})
+        out.append({**base, "decay": default_cell()["decay"], "tail": tail,
+                    "forward": "rowwise"})
     if part == "size":
         out.append(default_cell())
     return out
