@@ -45,6 +45,7 @@ from .names import ParameterNames, compiled_module, name_of, source_path, source
 from .passes.fused_ops import decomposition_table
 from .passes.joint import MatmulRecord
 from .passes.sparsify_graph import GraphInput, SparsifyGraph
+from .scales import ScaleInputs
 from .schedule import Schedule
 from .state import MaskBank, masks_for_call, register_on_call
 
@@ -116,19 +117,17 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
     dump = GraphDump.create(config.dump_dir) if config.dump_dir else None
     example_inputs = list(example_inputs)
     dense_source = _dense_source(gm, example_inputs) if config.scheduled else None
-    bank = mask_inputs = None
-    candidates = {p.position: example_inputs[p.position] for p in params
-                  if example_inputs[p.position].dim() >= 2
-                  and example_inputs[p.position].is_floating_point()}
-    packing = _packing(config, gm, params, candidates)
-    if config.masks_outside_graph or packing:
-        bank = MaskBank(config, candidates, packing, {p.position: p.name for p in params})
-        mask_inputs = bank.input_positions(len(example_inputs))
-        gm = _append_inputs(gm, len(bank.tensors))
-        example_inputs += bank.tensors
+    gm, bank, scales = _extra_inputs(gm, example_inputs, config, params)
+    own = len(example_inputs)
+    mask_inputs = bank.input_positions(len(example_inputs)) if bank is not None else None
+    example_inputs += bank.tensors if bank is not None else []
+    scale_inputs = scales.input_positions(len(example_inputs)) if scales is not None else None
+    example_inputs += scales.tensors if scales is not None else []
 
     def on_rewrite(before: str, after: str, rewrite: SparsifyGraph) -> None:
         records = rewrite.records
+        if scales is not None:
+            scales.attach(rewrite.specs)
         if bank is not None:
             bank.attach(rewrite.specs, rewrite.packed_used)
             records = _with_compress_labels(records, bank, params)
@@ -140,16 +139,12 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
     rewrite = SparsifyGraph(config, {p.position: p for p in params},
                              dump.graph_id if dump else 0, on_rewrite, mask_inputs,
                              bank.pack_failures if bank is not None else None,
-                             _prior_specs(gm, example_inputs, params))
+                             _prior_specs(gm, example_inputs, params), scale_inputs)
     compile_graph = _compile_inductor if config.inductor else _compile_fx_only
     compiled = compile_graph(gm, example_inputs, rewrite, dump)
     _compare_with_earlier_graphs(gm, example_inputs, params, rewrite)
-    if bank is not None:
-        wrapped = bank.wrap(compiled)
-        extra = bank.tensors
-    else:
-        wrapped = register_on_call(rewrite.specs, compiled)
-        extra = []
+    inner = compiled if scales is None else scales.wrap(compiled)
+    wrapped = bank.wrap(inner) if bank is not None else register_on_call(rewrite.specs, inner)
     if dense_source is not None:
         wrapped = Schedule(
             config, [p.position for p in params], lambda: list(rewrite.specs), wrapped,
@@ -157,7 +152,27 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
             lambda args: masks_for_call(rewrite.specs, bank, args),
             dump.note_phase if dump is not None else None)
     wrapped = dense_grads.track(wrapped, list(rewrite.specs))  # eager gradients: warn
-    return _skip_fake_calls(wrapped, compiled, extra)
+    return _skip_fake_calls(wrapped, compiled, example_inputs[own:])
+
+
+def _extra_inputs(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig,
+                  params: Sequence[GraphInput]
+                  ) -> tuple[fx.GraphModule, MaskBank | None, ScaleInputs | None]:
+    """The mask bank (masks solved outside the graph, compressed weights) and the S-STE scales
+    the graph reads as extra inputs, each ``None`` if it needs none, and a copy of ``gm`` with
+    their placeholders after its own inputs (the bank's first)."""
+    candidates = {p.position: example_inputs[p.position] for p in params
+                  if example_inputs[p.position].dim() >= 2
+                  and example_inputs[p.position].is_floating_point()}
+    bank = scales = None
+    packing = _packing(config, gm, params, candidates)
+    if config.masks_outside_graph or packing:
+        bank = MaskBank(config, candidates, packing, {p.position: p.name for p in params})
+        gm = _append_inputs(gm, len(bank.tensors))
+    if config.prune == "sste":  # S-STE's fixed per-weight scales
+        scales = ScaleInputs(candidates)
+        gm = _append_inputs(gm, len(scales.tensors), "nm_scale")
+    return gm, bank, scales
 
 
 def _with_compress_labels(records: Sequence[MatmulRecord], bank: MaskBank,
@@ -336,7 +351,7 @@ def _compare_with_earlier_graphs(gm: fx.GraphModule, example_inputs: Sequence[An
 def _packing(config: NMConfig, gm: fx.GraphModule, params: Sequence[GraphInput],
              candidates: Mapping[int, torch.Tensor]) -> dict[int, torch.dtype]:
     """Position -> GEMM dtype of each weight that gets compressed copies for the sparse kernel."""
-    if config.kernels == "emulate":
+    if config.kernels == "emulate" or config.prune == "sste":  # S-STE: masked-dense GEMMs
         return {}
     autocast = autocast_dtypes(gm)
     plan = {}
@@ -363,8 +378,9 @@ def _skip_fake_calls(wrapped: Callable, compiled: Callable, extra: list) -> Call
     return run
 
 
-def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
-    """A copy of ``gm`` with ``count`` more (mask) placeholders after its own inputs.
+def _append_inputs(gm: fx.GraphModule, count: int, name: str = "nm_mask") -> fx.GraphModule:
+    """A copy of ``gm`` with ``count`` more placeholders (``name_<i>``: masks, compressed
+    weights, S-STE scales) after its own inputs.
 
     Dynamo's own graph is left untouched (it reads its placeholders after the backend
     returns); the Dynamo metadata AOTAutograd reads is carried over to the copy. The new
@@ -377,7 +393,7 @@ def _append_inputs(gm: fx.GraphModule, count: int) -> fx.GraphModule:
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     for i in range(count):
         with graph.inserting_after(last):
-            last = graph.placeholder(f"nm_mask_{i}")
+            last = graph.placeholder(f"{name}_{i}")
         last._dynamo_source = None  # no user-code source, like DDPOptimizer's own inputs
         last.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
     copied.recompile()

@@ -34,6 +34,7 @@ __all__ = [
     "GRAD_WEIGHT_POLICIES",
     "MVUE_METHODS",
     "NMConfig",
+    "PRUNE_FUNCTIONS",
     "TRANSPOSABLE_METHODS",
 ]
 
@@ -63,6 +64,12 @@ GRAD_WEIGHT_POLICIES = ("dense", "mvue", "fst")
 #: ``mvue_method``: ``exact`` MVUE, or the cheaper ``approx`` (also unbiased, larger variance;
 #: :mod:`nmcompile.solvers.mvue`).
 MVUE_METHODS = ("exact", "approx")
+#: ``prune``: how the masked weight the sparse GEMMs read is formed from the dense weight.
+#: ``hard`` = ``W * mask`` (straight-through estimator; with ``decay``, SR-STE); ``sste`` =
+#: S-STE (Hu, Zhu, Chen, NeurIPS 2024): ``beta * S(W)``, every kept entry shrunk by the largest
+#: magnitude the mask prunes in its group (continuous in ``W``), times a per-tensor scale
+#: ``beta`` fixed at the weight's first sparse step (:mod:`nmcompile.solvers.soft_threshold`).
+PRUNE_FUNCTIONS = ("hard", "sste")
 #: ``kernels``: ``auto`` = the 2:4 sparse kernel (cuSPARSELt) for each GEMM the cost rule measured
 #: right and faster on this GPU, dense elsewhere; ``sparse`` = the sparse kernel for every GEMM
 #: its contract allows (no timing, no self-check); ``emulate`` = masked-dense everywhere.
@@ -105,6 +112,10 @@ class NMConfig:
         mvue_method: one of :data:`MVUE_METHODS`.
         decay: masked decay (SR-STE) ``alpha``: the backward graph adds
             ``alpha * (1 - mask) * W`` to each masked weight's gradient; 0 disables it.
+        prune: one of :data:`PRUNE_FUNCTIONS`: ``hard`` (``W * mask``) or ``sste``
+            (S-STE's soft threshold and fixed per-tensor scale, in place of ``W * mask``
+            wherever the graph reads the weight; forward ``rowwise`` with ``grad_input``
+            ``dense`` is the paper's form).
         min_numel: weights with fewer elements stay dense (semi-structured kernels need at
             least a 16 x 16 sparse operand).
         include: ``fnmatch`` patterns of parameter names to sparsify (``None``: all).
@@ -147,6 +158,7 @@ class NMConfig:
     mvue_m: int = 4
     mvue_method: str = "exact"
     decay: float = 0.0
+    prune: str = "hard"
     min_numel: int = 256
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -180,6 +192,7 @@ class NMConfig:
             ("bimask_method", BIMASK_METHODS),
             ("grad_weight", GRAD_WEIGHT_POLICIES),
             ("mvue_method", MVUE_METHODS),
+            ("prune", PRUNE_FUNCTIONS),
             ("kernels", KERNEL_POLICIES),
             ("mode", MODES),
             ("adapters", ADAPTER_POLICIES),
@@ -236,6 +249,11 @@ class NMConfig:
                 "NMConfig.grad_input='bimask' pairs a separate backward mask with a row-wise "
                 "forward mask; use forward='rowwise' (or 'auto') with it"
             )
+        if self.prune == "sste" and self.grad_input == "bimask":
+            raise ValueError(
+                "NMConfig.prune='sste' forms one soft-thresholded weight from the forward mask; "
+                "Bi-Mask's separate backward mask is not supported with it (use "
+                "grad_input='dense' or 'transposable', or prune='hard')")
         if self.grad_input == "transposable" and self.forward_policy != "transposable":
             raise ValueError(
                 "NMConfig.grad_input='transposable' reuses the forward mask, which needs "

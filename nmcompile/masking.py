@@ -18,6 +18,8 @@ from .solvers import (
     bimask,
     from_matrix,
     nm_mask,
+    soft_threshold,
+    soft_threshold_scale,
     transposable_mask,
     transposable_mask_scored,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "mask_stats",
     "record_of",
     "register",
+    "soft_threshold_scale_of",
+    "sparse_weight",
 ]
 
 
@@ -90,7 +94,8 @@ class MaskStats:
     at the first). ``density``: fraction of entries kept. ``kept_fraction``: share of ``|W|``
     the mask keeps. ``phase``: the schedule's phase at the weight's last call (``sparse``, or
     ``dense (...)`` naming the bound; :mod:`nmcompile.schedule`): in a dense phase no mask is
-    applied and the figures are those of the last mask.
+    applied and the figures are those of the last mask. ``scale``: the weight's fixed S-STE
+    scale (``prune="sste"``; ``None`` otherwise, or before its first sparse step).
     """
 
     refreshes: int
@@ -98,6 +103,7 @@ class MaskStats:
     density: float
     kept_fraction: float
     phase: str = "sparse"
+    scale: float | None = None
 
 
 @dataclass
@@ -126,7 +132,9 @@ class MaskRecord:
     outside them (``None`` when the graph computes the mask itself); every graph that reads
     the parameter shares them. ``previous`` is the mask at the last ``stats()`` call (in-graph
     masks only). ``epoch`` counts writes of the forward mask; ``packs`` holds the compressed
-    copies of the masked weight, by ``(dtype, transposed)``.
+    copies of the masked weight, by ``(dtype, transposed)``. ``scale``: the weight's fixed
+    S-STE scale (0-d float32 on its device; ``None`` until its first sparse call under
+    ``prune="sste"``).
     """
 
     spec: MaskSpec
@@ -143,6 +151,7 @@ class MaskRecord:
     #: ``(weight_token, sample of the weight)`` at the last checked call
     sample: tuple[tuple[int, int], torch.Tensor] | None = None
     high_flips: int = 0  # consecutive stats() readings with a flip rate above the warning
+    scale: torch.Tensor | None = None
 
 
 def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
@@ -158,6 +167,37 @@ def compute_mask(weight: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     if spec.reduction_dim == 1:  # a convolution kernel: along in-channels, per kernel position
         return from_matrix(nm_mask(as_matrix(weight), spec.n, spec.m), weight.shape)
     return nm_mask(weight.t(), spec.n, spec.m).t()
+
+
+def sparse_weight(weight: torch.Tensor, mask: torch.Tensor, spec: MaskSpec,
+                  scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight the sparse GEMMs compute with (``weight``'s shape and dtype).
+
+    ``where(mask, W, 0)`` (hard thresholding), or with an S-STE ``scale`` (``prune="sste"``)
+    ``scale * S(W)``, :func:`nmcompile.solvers.soft_threshold` on ``mask`` (groups along
+    ``spec.reduction_dim``; row and column groups for a transposable mask; a convolution
+    kernel in its :func:`nmcompile.solvers.as_matrix` layout, the groups its mask has). The
+    pass traces it into the graphs; the schedule and ``apply_masks`` prune with it.
+    """
+    if scale is None:
+        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype,
+                                                     device=weight.device))
+    transposable = spec.policy == "transposable"
+    w2d, m2d = as_matrix(weight), as_matrix(mask)
+    if spec.reduction_dim == 0 and not transposable:
+        soft = soft_threshold(w2d.t(), m2d.t(), spec.m).t()
+    else:
+        soft = soft_threshold(w2d, m2d, spec.m, transposable)
+    return scale.to(weight.dtype) * from_matrix(soft, weight.shape)
+
+
+def soft_threshold_scale_of(weight: torch.Tensor, mask: torch.Tensor,
+                            spec: MaskSpec) -> torch.Tensor:
+    """S-STE's fixed scale of ``weight`` under ``mask`` (0-d float32, on its device):
+    :func:`nmcompile.solvers.soft_threshold_scale` of the unscaled soft threshold."""
+    with torch.no_grad():
+        one = torch.ones((), dtype=torch.float32, device=weight.device)
+        return soft_threshold_scale(weight, sparse_weight(weight, mask, spec, one))
 
 
 def compute_backward_mask(weight: torch.Tensor, forward: torch.Tensor,

@@ -9,9 +9,9 @@ are not steps):
 * ``sparse``: steps ``[S, sparse_stop)``: the N:M graph;
 * ``dense (from sparse_stop=T)``: steps ``>= T``: a dense graph again. At the first call of this
   phase every masked weight is pruned in place, ``W <- W*M`` with the mask the sparse graph
-  would have used at that call, so the first dense step computes the function the sparse model
-  computed (Hu et al.'s dense fine-tune starts from the sparse network, not from the dense
-  shadow weights).
+  would have used at that call (``prune="sste"``: ``W <- beta * S(W)``), so the first dense
+  step computes the function the sparse model computed (Hu et al.'s dense fine-tune starts
+  from the sparse network, not from the dense shadow weights).
 
 The dense graph is compiled from the same Dynamo graph, without the rewrite, the first time a
 dense phase is reached; switching costs no recompilation by Dynamo. Each parameter's phase is
@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import fsdp
 from .config import NMConfig
 
 __all__ = ["Schedule", "phase_of", "phase_name"]
@@ -128,17 +127,16 @@ class Schedule:
 
     @torch.no_grad()
     def _prune(self, args: Sequence[Any]) -> None:
-        """``W <- W*M`` for the masked weights of this call that were still sparse."""
+        """``W <- W*M`` (S-STE: ``W <- beta * S(W)``) for the masked weights of this call that
+        were still sparse."""
         sparse = [pos for pos in self.masked() if _PHASES.get(args[pos]) == "sparse"]
         if not sparse:
             warnings.warn("nmcompile: sparse_stop was reached by weights that never trained "
                           "sparse (no call in the sparse phase); nothing to prune",
                           RuntimeWarning, stacklevel=3)
             return
+        from .state import prune_in_place
+
         masks = self.current_masks(args)
-        for pos in sparse:
-            mask = masks[pos].to(args[pos].device)
-            args[pos].mul_(mask)
-            owner = fsdp.sharded_param(args[pos])  # FSDP2: the copy the optimizer updates
-            if owner is not None:
-                owner.mul_(fsdp.shard_like(mask, owner))
+        for pos in sparse:  # W*M, or S-STE's beta*S(W); FSDP2: the optimizer's copy too
+            prune_in_place(args[pos], masks[pos].to(args[pos].device))

@@ -42,12 +42,13 @@ from .masking import (
     mask_stats,
     record_of,
     register,
+    sparse_weight,
 )
 from .schedule import phase_of
 from .solvers.bimask import bimask_shape_reason
 
 __all__ = ["MaskBank", "apply_masks", "load_mask_state_dict", "mask_state_dict", "masks",
-           "masks_for_call", "register_on_call", "stats", "weight_token"]
+           "masks_for_call", "prune_in_place", "register_on_call", "stats", "weight_token"]
 
 log = logging.getLogger(__name__)
 _PENDING: WeakIdKeyDictionary = WeakIdKeyDictionary()  # states loaded before compilation
@@ -309,7 +310,10 @@ def register_on_call(specs: Mapping[int, MaskSpec], compiled: Callable) -> Calla
             param = args[pos]
             record = record_of(param)
             if record is None or record.spec != spec:
-                register(param, MaskRecord(spec))
+                register(param, record := MaskRecord(spec))
+                pending = _pending_key(param)
+                if pending is not None:  # only an S-STE scale to restore: the graph makes masks
+                    _load_record(record, _PENDING.pop(pending))
         return compiled(*args)
 
     return run
@@ -371,19 +375,45 @@ def masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             if phase_of(key) in (None, "sparse")}
 
 
+def prune_in_place(param: torch.Tensor, mask: torch.Tensor) -> None:
+    """Make ``param`` (a tensor the graphs read) the weight its sparse graphs compute with under
+    ``mask``: ``W <- W*M``, or with ``prune="sste"`` S-STE's ``W <- beta * S(W)`` (its fixed
+    scale); an FSDP2 unsharded parameter's sharded copy (what the optimizer updates) too."""
+    record = record_of(param)
+    owner = fsdp.sharded_param(param)
+    with torch.no_grad():
+        if record is None or record.scale is None:
+            param.mul_(mask)
+            if owner is not None:
+                owner.mul_(fsdp.shard_like(mask, owner))
+            return
+        new = sparse_weight(param.detach(), mask, record.spec, record.scale)
+        param.copy_(new)
+        if owner is not None:
+            owner.copy_(fsdp.shard_like(new.to(owner.dtype), owner))
+
+
 def apply_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Prune every masked weight in place, ``W <- W*M`` with the masks :func:`masks` reports,
-    and return those masks (for export, or for a schedule of one's own).
+    """Prune every masked weight in place, ``W <- W*M`` with the masks :func:`masks` reports
+    (with ``prune="sste"``: ``W <- beta * S(W)``, S-STE's soft threshold on those masks), and
+    return those masks (for export, or for a schedule of one's own).
 
     The pruned model computes dense what the compiled sparse model computed: after it, a
     dense backend (or ``nmcompile.to_semi_structured`` on a GPU) serves the same function.
     On an FSDP2 model every rank must call it (see :func:`masks`); each prunes its shard.
     """
     found = masks(model)
-    params = dict(getattr(model, "_orig_mod", model).named_parameters())
     with torch.no_grad():
-        for name, mask in found.items():
-            params[name].mul_(fsdp.shard_like(mask, params[name]))
+        for name, param, _, record in _named_records(model):
+            if name not in found:
+                continue
+            mask = found[name]
+            if record.scale is None:
+                param.mul_(fsdp.shard_like(mask, param))
+                continue
+            weight = fsdp.full_weight(param).detach()
+            new = sparse_weight(weight, mask.to(weight.device), record.spec, record.scale)
+            param.copy_(fsdp.shard_like(new.to(param.dtype), param))
     return found
 
 
@@ -437,18 +467,20 @@ def stats(model: torch.nn.Module) -> dict[str, MaskStats]:
     out = {}
     for name, param, key, record in _named_records(model):
         phase = phase_of(key) or "sparse"
+        scale = None if record.scale is None else float(record.scale)
         if record.forward is not None and record.stats is None:  # restored without its stats
             record.stats = LazyStats(fsdp.full_weight(param), record.forward, None,
                                      record.refreshes)
         if record.forward is not None:
-            out[name] = dataclasses.replace(record.stats.read(), phase=phase)
+            out[name] = dataclasses.replace(record.stats.read(), phase=phase, scale=scale)
             _watch_flips(name, record, out[name])
             continue
         weight = fsdp.full_weight(param)
         mask = _current(weight, record)
         record.refreshes += 1
         out[name] = dataclasses.replace(
-            mask_stats(weight, mask, record.previous, record.refreshes), phase=phase)
+            mask_stats(weight, mask, record.previous, record.refreshes), phase=phase,
+            scale=scale)
         record.previous = mask
         _watch_flips(name, record, out[name])
     root = getattr(model, "_orig_mod", model)
@@ -476,6 +508,7 @@ def mask_state_dict(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
             "backward": None if record.backward is None else record.backward.clone(),
             "refreshes": record.refreshes,
             "steps": record.steps,
+            "scale": None if record.scale is None else record.scale.clone(),
             # the stats of the last refresh, which stats() reports until the next one
             "stats": (None if record.forward is None or record.stats is None
                       else dataclasses.asdict(record.stats.read())),
@@ -499,6 +532,9 @@ def load_mask_state_dict(model: torch.nn.Module, state: Mapping[str, Mapping[str
 
 
 def _load_record(record: MaskRecord, entry: Mapping[str, Any]) -> None:
+    if entry.get("scale") is not None:  # S-STE's fixed scale, kept from the saved run
+        device = record.forward.device if record.forward is not None else entry["scale"].device
+        record.scale = entry["scale"].detach().to(device, torch.float32).clone()
     if record.forward is None:
         return  # the graph recomputes this mask from the weights at every step
     record.forward.copy_(entry["forward"])

@@ -10,7 +10,9 @@ Its steps, in order, over one :class:`~.joint.JointRewrite`:
    convolutions (:mod:`.rewrite_convolutions`);
 3. one mask in every other read of a masked weight, rows for dense reads
    (:mod:`.mask_every_read`);
-4. masked decay on the masked weights' gradients (:mod:`.add_masked_decay`).
+4. with ``prune="sste"``, S-STE's soft-thresholded, scaled weight in place of ``W * mask`` in
+   every read of a masked weight, GEMMs and convolutions alike (:mod:`.apply_soft_threshold`);
+5. masked decay on the masked weights' gradients (:mod:`.add_masked_decay`).
 
 Each decision, sparse or not, is kept as a :class:`~.joint.MatmulRecord` with its reason and
 counted in ``torch._dynamo.utils.counters["nmcompile"]`` (``<role>_sparse``/``<role>_dense``).
@@ -36,6 +38,7 @@ from ..config import NMConfig
 from ..masking import BankSlots, MaskSpec
 from ._graph import primals
 from .add_masked_decay import add_masked_decay
+from .apply_soft_threshold import apply_soft_threshold
 from .joint import External, JointRewrite, MatmulRecord
 from .mask_every_read import mask_every_read, record_dense_reads
 from .rewrite_convolutions import ConvolutionRewrite
@@ -75,7 +78,8 @@ class SparsifyGraph(CustomGraphPass):
     whose compressed weights the graph reads to which of them (``False``: ``compress(W*M)``,
     ``True``: ``compress((W*M)^T)``). ``prior`` maps the position of a parameter that earlier
     graphs already mask to their :class:`MaskSpec`: if it is this config's, this graph masks
-    the parameter the same way (the same orientation), in every read of it.
+    the parameter the same way (the same orientation), in every read of it. ``scale_inputs``
+    maps a parameter's position to the graph input holding its S-STE scale (``prune="sste"``).
     ``dense_reads`` maps the position of every weight the graph reads but leaves dense (not
     excluded by the layer filter) to how it reads it, first read only.
     """
@@ -84,8 +88,10 @@ class SparsifyGraph(CustomGraphPass):
                  on_rewrite: Callable[[str, str, SparsifyGraph], None] | None = None,
                  mask_inputs: Mapping[int, BankSlots] | None = None,
                  pack_failures: Mapping[int, str] | None = None,
-                 prior: Mapping[int, MaskSpec] | None = None) -> None:
+                 prior: Mapping[int, MaskSpec] | None = None,
+                 scale_inputs: Mapping[int, int] | None = None) -> None:
         self.config = config
+        self.scale_inputs = dict(scale_inputs or {})
         self.params = dict(params)
         self.mask_inputs = dict(mask_inputs or {})
         self.pack_failures = dict(pack_failures or {})
@@ -103,14 +109,16 @@ class SparsifyGraph(CustomGraphPass):
 
     def uuid(self) -> str:
         key = repr((self.config, sorted((p.position, p.name) for p in self.params.values()),
-                    sorted(self.mask_inputs.items()), sorted(self.prior.items())))
+                    sorted(self.mask_inputs.items()), sorted(self.prior.items()),
+                    sorted(self.scale_inputs.items())))
         return get_hash_for_files(_SOURCES, key).hex()
 
     def __call__(self, graph: fx.Graph) -> None:
         before = graph.python_code("self").src if self.on_rewrite else ""
         nodes = self._param_nodes(graph)
         joint = self._joint(graph, nodes)
-        self._run(joint)
+        inputs = primals(graph)
+        self._run(joint, {nodes[p]: inputs[i] for p, i in self.scale_inputs.items() if p in nodes})
         graph.lint()
         self._collect(joint, {node: pos for pos, node in nodes.items()})
         if self.on_rewrite:
@@ -136,7 +144,9 @@ class SparsifyGraph(CustomGraphPass):
         return joint
 
     @staticmethod
-    def _run(joint: JointRewrite) -> None:
+    def _run(joint: JointRewrite, scales: Mapping[fx.Node, fx.Node]) -> None:
+        """The pass's steps (the module's docstring); ``scales``: parameter -> its S-STE
+        scale input."""
         nodes = list(joint.graph.nodes)  # the user's graph: not the ops of inserted solvers
         rewrites = [rewrite(joint) for rewrite in _REWRITES]
         candidates: dict[fx.Node, MaskSpec] = {}
@@ -150,6 +160,8 @@ class SparsifyGraph(CustomGraphPass):
                     break
         mask_every_read(joint)
         record_dense_reads(joint)
+        if joint.config.prune == "sste":
+            apply_soft_threshold(joint.edit, joint.masks, scales)
         if joint.config.decay and joint.backward:
             masks = {param: node for param, (_, node) in joint.masks.items()}
             add_masked_decay(joint.edit, masks, joint.config.decay)

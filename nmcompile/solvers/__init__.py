@@ -19,6 +19,7 @@ from .patterns import (
     transposable_mask_scored,
     transposable_masks_scored,
 )
+from .soft_threshold import soft_threshold, soft_threshold_scale
 from .transposable import transposable_mask
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "mask_diversity",
     "mvue",
     "nm_mask",
+    "soft_threshold",
+    "soft_threshold_scale",
     "tile_patterns",
     "transposable_mask",
     "transposable_mask_greedy",
