@@ -125,13 +125,14 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], config: NMConfig
     example_inputs += scales.tensors if scales is not None else []
 
     def on_rewrite(before: str, after: str, rewrite: SparsifyGraph) -> None:
-        records = rewrite.records
         if scales is not None:
             scales.attach(rewrite.specs)
         if bank is not None:
             bank.attach(rewrite.specs, rewrite.packed_used)
-            records = _with_compress_labels(records, bank, params)
         if dump is not None:
+            records = rewrite.records
+            if bank is not None:
+                records = _with_compress_labels(records, bank, params)
             dump.write("joint_before.py", before)
             dump.write("joint_after.py", after)
             dump.write_records(records, config.to_dict(), rewrite.symbols)
@@ -179,7 +180,8 @@ def _with_compress_labels(records: Sequence[MatmulRecord], bank: MaskBank,
                           params: Sequence[GraphInput]) -> list[MatmulRecord]:
     """``records`` with the ``compress`` column filled in for the GEMMs that read a
     compressed weight (forward and grad-input rows on the sparse kernel)."""
-    labels = {p.name: bank.compress_labels().get(p.position) for p in params}
+    by_position = bank.compress_labels()
+    labels = {p.name: by_position.get(p.position) for p in params}
     return [dataclasses.replace(r, compress=labels.get(r.param))
             if r.sparse and r.role in ("forward", "grad_input")
             and (r.kernel or "").startswith(SPARSE_LABEL) else r for r in records]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .ops.emulation import masked_weight
 from .solvers import (
     as_matrix,
     bimask,
@@ -180,8 +181,7 @@ def sparse_weight(weight: torch.Tensor, mask: torch.Tensor, spec: MaskSpec,
     pass traces it into the graphs; the schedule and ``apply_masks`` prune with it.
     """
     if scale is None:
-        return torch.where(mask, weight, torch.zeros((), dtype=weight.dtype,
-                                                     device=weight.device))
+        return masked_weight(weight, mask)
     transposable = spec.policy == "transposable"
     w2d, m2d = as_matrix(weight), as_matrix(mask)
     if spec.reduction_dim == 0 and not transposable:

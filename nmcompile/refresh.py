@@ -91,6 +91,9 @@ def run(work: Sequence[Work]) -> None:
     kernels can solve get mask, stats and compressions in one pass; the other kernel-written
     packs of one kind share one launch. Runs with autocast off (the bank is called inside the
     user's autocast region; the scorer's sums must stay exact)."""
+    if not any(item.refresh or any(p.token != (item.record.version, item.record.epoch)
+                                   for p in item.packs) for item in work):
+        return  # no mask due, every compressed copy current (micro-steps, evaluation)
     with contextlib.ExitStack() as stack:
         for device_type in {item.param.device.type for item in work} & {"cpu", "cuda"}:
             stack.enter_context(torch.autocast(device_type, enabled=False))

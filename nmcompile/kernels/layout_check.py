@@ -148,6 +148,7 @@ def _exact_two(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
 
 def _problem(device: torch.device, dtype: torch.dtype, found: Verdict) -> str | None:
     """What is wrong with ``found.writer`` on ``device`` (``None``: nothing)."""
+    from ..ops.emulation import masked_weight
     from ..refresh import write_packs
 
     gen = torch.Generator().manual_seed(0)
@@ -163,7 +164,7 @@ def _problem(device: torch.device, dtype: torch.dtype, found: Verdict) -> str | 
 
                 if not torch.equal(mask, transposable_masks_scored([w])[0]):
                     return f"its {rows}x{cols} mask differs from the scorer's"
-            masked = cusparselt_masked(w, mask)
+            masked = masked_weight(w, mask)
             for got, operand, side in ((blob, masked, ""), (blob_t, masked.t(), "transposed ")):
                 expected = cusparselt.compress(operand)
                 if full and not torch.equal(got.view(torch.int16), expected.view(torch.int16)):
@@ -178,11 +179,6 @@ def _problem(device: torch.device, dtype: torch.dtype, found: Verdict) -> str | 
                            for a, b in zip(again[1:], (blob, blob_t), strict=True)):
                     return f"the {rows}x{cols} blobs from a given mask differ from its own"
     return None
-
-
-def cusparselt_masked(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``W*M`` in ``w``'s dtype (the masked operand ``torch._cslt_compress`` is given)."""
-    return torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 def _product_reason(blob: torch.Tensor, operand: torch.Tensor, dtype: torch.dtype) -> str | None:
